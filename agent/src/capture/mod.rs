@@ -1,0 +1,96 @@
+//! Stage 1: read the ring buffer, decode records into owned events, hand them on in batches.
+//! The kernel batches wake-ups, so the reader also drains on a short timer.
+
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc, time};
+use zerotel_abi::{
+    user::{decode, Event},
+    ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent,
+};
+
+use crate::telemetry::Telemetry;
+
+/// Longest time an event waits in the ring buffer when traffic is too light to trigger a wake-up.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Events handed on at once.
+const BATCH: usize = 256;
+
+/// A decoded event that owns its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapturedEvent {
+    ConnOpen(ConnOpenEvent),
+    Data { meta: DataMeta, payload: Vec<u8> },
+    ConnClose(ConnCloseEvent),
+    ProcessExec(ProcessEvent),
+    ProcessExit(ProcessEvent),
+}
+
+impl From<Event<'_>> for CapturedEvent {
+    fn from(event: Event<'_>) -> Self {
+        match event {
+            Event::ConnOpen(e) => Self::ConnOpen(e),
+            Event::Data(meta, payload) => Self::Data { meta, payload: payload.to_vec() },
+            Event::ConnClose(e) => Self::ConnClose(e),
+            Event::ProcessExec(e) => Self::ProcessExec(e),
+            Event::ProcessExit(e) => Self::ProcessExit(e),
+        }
+    }
+}
+
+/// Read until `stop` fires, then drain what is left and return (closing `tx`).
+pub async fn run(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<Vec<CapturedEvent>>,
+    telemetry: Arc<Telemetry>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut ring = AsyncFd::new(ring)?;
+    let mut tick = time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &tx, &telemetry).await;
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(ring.get_mut(), &tx, &telemetry).await,
+            _ = stop.changed() => break,
+        }
+    }
+    drain(ring.get_mut(), &tx, &telemetry).await;
+    Ok(())
+}
+
+async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<CapturedEvent>>, telemetry: &Telemetry) {
+    loop {
+        let batch = read_batch(ring, telemetry);
+        if batch.is_empty() {
+            return;
+        }
+        let full = batch.len() == BATCH;
+        // Waiting here (rather than dropping) pushes back into the ring buffer, where the kernel
+        // counts what it cannot queue.
+        if tx.send(batch).await.is_err() || !full {
+            return;
+        }
+    }
+}
+
+fn read_batch(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) -> Vec<CapturedEvent> {
+    let mut batch = Vec::with_capacity(BATCH);
+    while batch.len() < BATCH {
+        let Some(record) = ring.next() else { break };
+        match decode(&record) {
+            Ok(event) => batch.push(event.into()),
+            Err(e) => {
+                telemetry.decode_errors.inc();
+                log::debug!("undecodable event: {e}");
+            }
+        }
+    }
+    telemetry.events_read.add(batch.len() as u64);
+    batch
+}

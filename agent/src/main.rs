@@ -1,0 +1,98 @@
+//! zerotel: zero-code distributed tracing from the kernel.
+//!
+//! Pipeline: kernel hooks -> capture (ring buffer) -> assemble (connections, HTTP, spans, process
+//! metadata) -> export (OTLP or console), stages joined by bounded queues.
+
+mod capture;
+mod config;
+mod conn;
+mod context;
+mod discovery;
+mod export;
+mod probes;
+mod protocols;
+mod spans;
+mod telemetry;
+
+use std::{process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    config::{Cli, Config},
+    discovery::{resource::BaseResource, Discovery},
+    probes::{Probes, Scope},
+    spans::assemble::{self, Assembler},
+    telemetry::Telemetry,
+};
+
+/// Batches queued between stages.
+const QUEUE_BATCHES: usize = 256;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::from_cli(Cli::parse(), &env) {
+        Ok(config) => config,
+        Err(e) => return fail(&anyhow::Error::new(e)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    match runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(config, &env))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("zerotel: error: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let telemetry = Arc::new(Telemetry::default());
+    let listener = telemetry::bind(config.listen).await?;
+    let server = tokio::spawn(telemetry::serve(listener, telemetry.clone()));
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let scope = if config.selector.is_empty() { Scope::All } else { Scope::Selected };
+    let (probes, maps) = Probes::load_and_attach(scope)?;
+    *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
+
+    let discovery = Discovery::new(config.selector, maps.traced_pids, maps.conns, BaseResource::from_env(env));
+    let mut assembler = Assembler::new(discovery, telemetry.clone());
+    assembler.initial_scan();
+
+    let (events_tx, events_rx) = mpsc::channel(QUEUE_BATCHES);
+    let (spans_tx, spans_rx) = mpsc::channel(QUEUE_BATCHES);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let capture = tokio::spawn(capture::run(maps.events, events_tx, telemetry.clone(), stop_rx));
+    let assemble = tokio::spawn(assemble::run(assembler, events_rx, spans_tx));
+    let export = tokio::spawn(export::run(config.export, spans_rx, telemetry.export.clone()));
+
+    telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    log::info!("ready: {} tracepoints attached, telemetry on http://{}", probes.hook_count(), config.listen);
+
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    log::info!("stopping: detaching probes, flushing spans");
+    // Detach first so nothing new arrives, then let each stage drain into the next.
+    drop(probes);
+    let _ = stop_tx.send(true);
+    let drained = async {
+        capture.await.context("capture stage")?.context("reading the ring buffer")?;
+        assemble.await.context("assemble stage")?;
+        export.await.context("export stage")
+    };
+    if tokio::time::timeout(config.shutdown_timeout, drained).await.is_err() {
+        log::warn!("shutdown timed out after {:?}; unexported spans were dropped", config.shutdown_timeout);
+    }
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The kernel side's lifecycle: check what this kernel allows, load, attach, detach.
+//! Dropping [`Probes`] detaches every program (aya owns the links).
+
+mod offsets;
+
+use std::{ffi::CString, path::Path};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use zerotel_abi::{names, ConnState};
+
+/// Why the probes could not run here, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The agent lacks the privileges to load eBPF programs.
+    #[error("zerotel needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root, or in a privileged container")]
+    NotPrivileged,
+    /// The kernel's BTF is missing or lacks a field the programs read.
+    #[error("kernel BTF: {0} (zerotel needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
+    Btf(String),
+    /// Tracepoints are unreachable because tracefs could not be mounted.
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed: {0}")]
+    Tracefs(std::io::Error),
+    /// The kernel rejected the object file.
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("program {program} ({tracepoint}): {source}")]
+    Program { program: &'static str, tracepoint: String, source: aya::programs::ProgramError },
+    /// A map the agent needs is missing or of the wrong type.
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Every hook: (program, tracepoint category, tracepoint name).
+const HOOKS: &[(&str, &str, &str)] = &[
+    ("zt_sched_fork", "sched", "sched_process_fork"),
+    ("zt_sched_exec", "sched", "sched_process_exec"),
+    ("zt_sched_exit", "sched", "sched_process_exit"),
+    ("zt_exit_accept", "syscalls", "sys_exit_accept"),
+    ("zt_exit_accept", "syscalls", "sys_exit_accept4"),
+    ("zt_enter_connect", "syscalls", "sys_enter_connect"),
+    ("zt_exit_connect", "syscalls", "sys_exit_connect"),
+    ("zt_enter_close", "syscalls", "sys_enter_close"),
+    ("zt_enter_recv", "syscalls", "sys_enter_read"),
+    ("zt_enter_recv", "syscalls", "sys_enter_recvfrom"),
+    ("zt_enter_send", "syscalls", "sys_enter_write"),
+    ("zt_enter_send", "syscalls", "sys_enter_sendto"),
+    ("zt_enter_readv", "syscalls", "sys_enter_readv"),
+    ("zt_enter_writev", "syscalls", "sys_enter_writev"),
+    ("zt_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("zt_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("zt_enter_sendfile", "syscalls", "sys_enter_sendfile64"),
+    ("zt_enter_splice", "syscalls", "sys_enter_splice"),
+    ("zt_exit_data", "syscalls", "sys_exit_read"),
+    ("zt_exit_data", "syscalls", "sys_exit_recvfrom"),
+    ("zt_exit_data", "syscalls", "sys_exit_write"),
+    ("zt_exit_data", "syscalls", "sys_exit_sendto"),
+    ("zt_exit_data", "syscalls", "sys_exit_readv"),
+    ("zt_exit_data", "syscalls", "sys_exit_writev"),
+    ("zt_exit_data", "syscalls", "sys_exit_recvmsg"),
+    ("zt_exit_data", "syscalls", "sys_exit_sendmsg"),
+    ("zt_exit_data", "syscalls", "sys_exit_sendfile64"),
+    ("zt_exit_data", "syscalls", "sys_exit_splice"),
+];
+
+/// Which processes the kernel traces.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Only pids in TRACED_PIDS (and their forks).
+    Selected,
+    /// Every process but the agent.
+    All,
+}
+
+/// Loaded and attached kernel programs.
+pub struct Probes {
+    /// Taken on drop so the programs detach before tracefs is unmounted.
+    ebpf: Option<Ebpf>,
+    /// Set when the agent mounted tracefs itself, to unmount it on exit.
+    mounted_tracefs: bool,
+}
+
+/// The maps userspace works with, taken out of the object.
+pub struct KernelMaps {
+    pub events: RingBuf<MapData>,
+    pub traced_pids: BpfHashMap<MapData, u32, u8>,
+    pub conns: BpfHashMap<MapData, u64, ConnState>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl Probes {
+    /// Can the probes run here? Returns why not.
+    pub fn check() -> Result<(), ProbeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ProbeError::NotPrivileged);
+        }
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(ProbeError::Btf("/sys/kernel/btf/vmlinux not found".into()));
+        }
+        Ok(())
+    }
+
+    /// Load the object with the kernel offsets and scope baked in, attach every hook.
+    pub fn load_and_attach(scope: Scope) -> Result<(Self, KernelMaps), ProbeError> {
+        Self::check()?;
+        let mounted_tracefs = mount_tracefs()?;
+        let offsets = offsets::resolve()?;
+        let trace_all = u8::from(matches!(scope, Scope::All));
+        let agent_pid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::OFFSETS, &offsets, true)
+            .override_global(names::TRACE_ALL, &trace_all, true)
+            .override_global(names::AGENT_PID, &agent_pid, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotel")))
+            .map_err(|e| match e {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    ProbeError::NotPrivileged
+                }
+                other => ProbeError::Load(other),
+            })?;
+        attach_all(&mut ebpf)?;
+        let maps = take_maps(&mut ebpf)?;
+        Ok((Self { ebpf: Some(ebpf), mounted_tracefs }, maps))
+    }
+
+    /// How many tracepoints are attached, for the start-up log.
+    pub fn hook_count(&self) -> usize {
+        HOOKS.len()
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // Detach first: programs and links go with the Ebpf value.
+        drop(self.ebpf.take());
+        if self.mounted_tracefs {
+            if let Ok(path) = CString::new(TRACEFS) {
+                // SAFETY: valid C string; MNT_DETACH never blocks.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let mut loaded: Vec<&str> = Vec::new();
+    for &(program, category, name) in HOOKS {
+        let err = |source| ProbeError::Program { program, tracepoint: format!("{category}/{name}"), source };
+        let tp: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| err(aya::programs::ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(err)?;
+        if !loaded.contains(&program) {
+            tp.load().map_err(err)?;
+            loaded.push(program);
+        }
+        tp.attach(category, name).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<KernelMaps, ProbeError> {
+    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+    ) -> Result<T, ProbeError> {
+        let map = ebpf.take_map(name).ok_or(ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+        T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+    }
+    Ok(KernelMaps {
+        events: take(ebpf, names::EVENTS)?,
+        traced_pids: take(ebpf, names::TRACED_PIDS)?,
+        conns: take(ebpf, names::CONNS)?,
+        counters: take(ebpf, names::COUNTERS)?,
+    })
+}
+
+/// Mount tracefs where aya looks for it, if nothing is there. Returns whether we mounted it.
+fn mount_tracefs() -> Result<bool, ProbeError> {
+    if Path::new(TRACEFS).join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(false);
+    }
+    let c = |s: &str| CString::new(s).expect("static strings have no NUL");
+    let (src, target, fstype) = (c("tracefs"), c(TRACEFS), c("tracefs"));
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
+    }
+    Ok(true)
+}

@@ -1,0 +1,3 @@
+//! Protocol parsers: pure (bytes in, messages out), never panic, tests beside each.
+
+pub mod http1;

@@ -1,0 +1,311 @@
+//! Stage 2: events -> connections -> HTTP exchanges -> spans, with trace context and in-process
+//! parent/child links. Owns discovery, so process state and connection state change together.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::{sync::mpsc, time};
+use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent};
+
+use crate::{
+    capture::CapturedEvent,
+    conn::{socket_addr, ConnTable, Connection},
+    context::{self, RemoteParent},
+    discovery::{Discovery, SeededConn},
+    protocols::http1::{Output, Outcome, RequestHead, ResponseHead},
+    spans::{
+        http::{describe, Exchange},
+        model::{Span, SpanId, SpanKind, TraceId},
+    },
+    telemetry::Telemetry,
+};
+
+/// Ids and timing of an exchange from its request head until it ends.
+struct OpenExchange {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    flags: u8,
+    trace_state: String,
+    request: RequestHead,
+    start_ns: u64,
+    tid: u32,
+}
+
+/// The SERVER exchange a thread is serving: CLIENT requests it sends become its children.
+#[derive(Clone, Copy)]
+struct Serving {
+    conn_id: u64,
+    exchange: u64,
+    trace_id: TraceId,
+    span_id: SpanId,
+    flags: u8,
+}
+
+/// Bounds of the per-exchange and per-thread state.
+const MAX_OPEN_EXCHANGES: usize = 65_536;
+const MAX_SERVING_THREADS: usize = 65_536;
+
+pub struct Assembler {
+    conns: ConnTable,
+    exchanges: HashMap<(u64, u64), OpenExchange>,
+    serving: HashMap<u32, Serving>,
+    discovery: Discovery,
+    telemetry: Arc<Telemetry>,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall-clock times.
+    mono_to_unix_ns: i128,
+    outputs: Vec<Output>,
+    spans: Vec<Span>,
+}
+
+impl Assembler {
+    pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            conns: ConnTable::default(),
+            exchanges: HashMap::new(),
+            serving: HashMap::new(),
+            discovery,
+            telemetry,
+            mono_to_unix_ns: mono_to_unix_offset(),
+            outputs: Vec::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    /// Select the processes running now and adopt their existing connections.
+    pub fn initial_scan(&mut self) {
+        let seeded = self.discovery.scan();
+        self.adopt(seeded);
+    }
+
+    pub fn handle(&mut self, event: CapturedEvent) {
+        match event {
+            CapturedEvent::ConnOpen(e) => self.on_open(&e),
+            CapturedEvent::Data { meta, payload } => self.on_data(&meta, &payload),
+            CapturedEvent::ConnClose(e) => self.on_close(&e),
+            CapturedEvent::ProcessExec(e) => self.on_exec(&e),
+            CapturedEvent::ProcessExit(e) => self.on_exit(&e),
+        }
+    }
+
+    /// Spans finished since the last call.
+    pub fn take_spans(&mut self) -> Vec<Span> {
+        std::mem::take(&mut self.spans)
+    }
+
+    pub fn rescan_if_needed(&mut self) {
+        if self.discovery.needs_rescan() {
+            let seeded = self.discovery.scan();
+            self.adopt(seeded);
+        }
+    }
+
+    fn adopt(&mut self, seeded: Vec<SeededConn>) {
+        for c in seeded {
+            self.conns.insert(c.conn_id, Connection::new(c.pid, c.fd, c.role, c.local, c.remote));
+        }
+    }
+
+    fn on_open(&mut self, e: &ConnOpenEvent) {
+        // Make the resource now: short-lived clients may be gone by the time their span ends.
+        self.discovery.resource(e.header.pid);
+        // A reused fd whose close we missed: end the old connection first.
+        let conn = Connection::new(e.header.pid, e.fd, e.role, socket_addr(&e.local), socket_addr(&e.remote));
+        self.conns.insert(e.conn_id, conn);
+    }
+
+    fn on_data(&mut self, meta: &DataMeta, payload: &[u8]) {
+        let Some(conn) = self.conns.get_mut(meta.conn_id) else { return };
+        let segment = conn.segment(meta, payload);
+        conn.http.push(&segment, &mut self.outputs);
+        self.flush_outputs(meta.conn_id, meta.header.tid);
+    }
+
+    fn on_close(&mut self, e: &ConnCloseEvent) {
+        self.close_conn(e.conn_id, e.header.ts_ns);
+    }
+
+    fn close_conn(&mut self, conn_id: u64, ts_ns: u64) {
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        conn.http.close(ts_ns, &mut self.outputs);
+        self.flush_outputs(conn_id, 0);
+        self.conns.remove(conn_id);
+    }
+
+    fn on_exec(&mut self, e: &ProcessEvent) {
+        let seeded = self.discovery.on_exec(e.header.pid, e.comm());
+        self.adopt(seeded);
+    }
+
+    /// A process ended: its sockets closed without close(2), so end them here.
+    fn on_exit(&mut self, e: &ProcessEvent) {
+        let pid = e.header.pid;
+        for conn_id in self.conns.ids_of(pid) {
+            if let Some(fd) = self.conns.get_mut(conn_id).map(|c| c.fd) {
+                self.discovery.forget_conn(pid, fd);
+            }
+            self.close_conn(conn_id, e.header.ts_ns);
+        }
+        self.serving.retain(|_, s| self.conns.get_mut(s.conn_id).is_some());
+        self.discovery.on_exit(pid);
+    }
+
+    fn flush_outputs(&mut self, conn_id: u64, tid: u32) {
+        for output in std::mem::take(&mut self.outputs) {
+            match output {
+                Output::RequestStarted { id, head, start_ns } => self.start_exchange(conn_id, id, head, start_ns, tid),
+                Output::ExchangeEnded { id, response, end_ns, outcome } => {
+                    self.end_exchange(conn_id, id, response.as_ref(), end_ns, outcome)
+                }
+            }
+        }
+    }
+
+    fn start_exchange(&mut self, conn_id: u64, id: u64, request: RequestHead, start_ns: u64, tid: u32) {
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        let is_server = conn.is_server;
+        if self.exchanges.len() >= MAX_OPEN_EXCHANGES {
+            self.telemetry.exchanges_desynchronised.inc();
+            return;
+        }
+        let span_id = context::new_span_id();
+        let exchange = if is_server {
+            let remote = context::extract(&request.context);
+            server_exchange(remote, span_id, request, start_ns, tid)
+        } else {
+            client_exchange(self.serving.get(&tid).copied(), span_id, request, start_ns, tid)
+        };
+        if is_server {
+            if self.serving.len() >= MAX_SERVING_THREADS {
+                self.serving.clear();
+            }
+            let serving = Serving { conn_id, exchange: id, trace_id: exchange.trace_id, span_id, flags: exchange.flags };
+            self.serving.insert(tid, serving);
+        }
+        self.exchanges.insert((conn_id, id), exchange);
+    }
+
+    fn end_exchange(&mut self, conn_id: u64, id: u64, response: Option<&ResponseHead>, end_ns: u64, outcome: Outcome) {
+        let Some(exchange) = self.exchanges.remove(&(conn_id, id)) else { return };
+        if self.serving.get(&exchange.tid).is_some_and(|s| s.conn_id == conn_id && s.exchange == id) {
+            self.serving.remove(&exchange.tid);
+        }
+        if outcome == Outcome::Desynchronised {
+            self.telemetry.exchanges_desynchronised.inc();
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        let kind = if conn.is_server { SpanKind::Server } else { SpanKind::Client };
+        let (pid, local, remote) = (conn.pid, conn.local, conn.remote);
+        let http = describe(&Exchange { kind, request: &exchange.request, response, local, remote });
+        match kind {
+            SpanKind::Server => self.telemetry.spans_server.inc(),
+            _ => self.telemetry.spans_client.inc(),
+        }
+        self.spans.push(Span {
+            trace_id: exchange.trace_id,
+            span_id: exchange.span_id,
+            parent_span_id: exchange.parent,
+            trace_flags: exchange.flags,
+            trace_state: exchange.trace_state,
+            kind,
+            name: http.name,
+            start_unix_ns: self.to_unix(exchange.start_ns),
+            end_unix_ns: self.to_unix(end_ns.max(exchange.start_ns)),
+            attributes: http.attributes,
+            status: http.status,
+            resource: self.discovery.resource(pid),
+        });
+    }
+
+    fn to_unix(&self, mono_ns: u64) -> u64 {
+        u64::try_from(i128::from(mono_ns) + self.mono_to_unix_ns).unwrap_or(0)
+    }
+}
+
+fn server_exchange(remote: Option<RemoteParent>, span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
+    match remote {
+        Some(p) => OpenExchange {
+            trace_id: p.trace_id,
+            span_id,
+            parent: Some(p.span_id),
+            flags: p.flags,
+            trace_state: p.trace_state,
+            request,
+            start_ns,
+            tid,
+        },
+        None => root_exchange(span_id, request, start_ns, tid),
+    }
+}
+
+fn client_exchange(serving: Option<Serving>, span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
+    match serving {
+        Some(s) => OpenExchange {
+            trace_id: s.trace_id,
+            span_id,
+            parent: Some(s.span_id),
+            flags: s.flags,
+            trace_state: String::new(),
+            request,
+            start_ns,
+            tid,
+        },
+        None => root_exchange(span_id, request, start_ns, tid),
+    }
+}
+
+fn root_exchange(span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
+    OpenExchange {
+        trace_id: context::new_trace_id(),
+        span_id,
+        parent: None,
+        flags: context::SAMPLED,
+        trace_state: String::new(),
+        request,
+        start_ns,
+        tid,
+    }
+}
+
+fn mono_to_unix_offset() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid clock id and out-pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+/// How often port selectors are re-applied.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Run stage 2 until the event channel closes; spans go to export without ever waiting on it.
+pub async fn run(mut assembler: Assembler, mut rx: mpsc::Receiver<Vec<CapturedEvent>>, tx: mpsc::Sender<Vec<Span>>) {
+    let mut rescan = time::interval(RESCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for event in batch {
+                    assembler.handle(event);
+                }
+                forward(&mut assembler, &tx);
+            }
+            _ = rescan.tick() => assembler.rescan_if_needed(),
+        }
+    }
+    forward(&mut assembler, &tx);
+}
+
+fn forward(assembler: &mut Assembler, tx: &mpsc::Sender<Vec<Span>>) {
+    let spans = assembler.take_spans();
+    if spans.is_empty() {
+        return;
+    }
+    let n = spans.len() as u64;
+    if tx.try_send(spans).is_err() {
+        // A slow backend must never slow the capture: drop and count.
+        assembler.telemetry.spans_queue_full.add(n);
+    }
+}

@@ -1,0 +1,5 @@
+//! Span assembly: protocol messages in, spans with ids, parents and semantics out.
+
+pub mod assemble;
+pub mod http;
+pub mod model;

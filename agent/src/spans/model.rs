@@ -1,0 +1,92 @@
+//! The span as zerotel assembles it: explicit ids and times, semantic-convention attributes,
+//! and the resource of the process that produced it. Export turns it into OTLP.
+
+use std::{borrow::Cow, sync::Arc};
+
+/// W3C trace id (16 bytes) and span id (8 bytes).
+pub type TraceId = [u8; 16];
+pub type SpanId = [u8; 8];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SpanKind {
+    Server,
+    Client,
+    Producer,
+    Consumer,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(Cow<'static, str>),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&'static str> for AttrValue {
+    fn from(s: &'static str) -> Self {
+        Self::Str(Cow::Borrowed(s))
+    }
+}
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        Self::Str(Cow::Owned(s))
+    }
+}
+impl From<i64> for AttrValue {
+    fn from(v: i64) -> Self {
+        Self::Int(v)
+    }
+}
+impl From<bool> for AttrValue {
+    fn from(v: bool) -> Self {
+        Self::Bool(v)
+    }
+}
+
+/// Key/value pairs, keys are semantic-convention names.
+pub type Attributes = Vec<(Cow<'static, str>, AttrValue)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error,
+}
+
+/// The process a span came from, as OTLP resource attributes (`service.name` always present).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub attributes: Attributes,
+}
+
+impl Resource {
+    pub fn service_name(&self) -> &str {
+        self.attributes
+            .iter()
+            .find_map(|(k, v)| match (k.as_ref(), v) {
+                ("service.name", AttrValue::Str(s)) => Some(s.as_ref()),
+                _ => None,
+            })
+            .unwrap_or("unknown_service")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// None for a root span.
+    pub parent_span_id: Option<SpanId>,
+    /// W3C trace flags (bit 0 = sampled).
+    pub trace_flags: u8,
+    /// W3C tracestate, passed through as received ("" when none).
+    pub trace_state: String,
+    pub kind: SpanKind,
+    pub name: String,
+    /// Wall-clock times, nanoseconds since the Unix epoch.
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Attributes,
+    pub status: SpanStatus,
+    /// Shared by every span of the same process.
+    pub resource: Arc<Resource>,
+}

@@ -1,0 +1,168 @@
+//! The agent's own telemetry: typed counters for every stage, served as Prometheus text on
+//! `/metrics`, and `/healthz` (200 once every probe is attached).
+
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::export::ExportCounters;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of every stage: capture -> assemble -> export.
+#[derive(Default)]
+pub struct Telemetry {
+    /// Capture: events read from the ring buffer.
+    pub events_read: Counter,
+    /// Capture: records that did not decode.
+    pub decode_errors: Counter,
+    /// Assemble: spans made, by kind.
+    pub spans_server: Counter,
+    pub spans_client: Counter,
+    /// Assemble: exchanges whose bytes were lost or could not be framed (no span made).
+    pub exchanges_desynchronised: Counter,
+    /// Assemble -> export: spans dropped because the export queue was full.
+    pub spans_queue_full: Counter,
+    /// Export stage counters.
+    pub export: Arc<ExportCounters>,
+    /// Every probe attached.
+    pub ready: AtomicBool,
+    /// The kernel's per-CPU counters (lost events), read at scrape time.
+    pub kernel: Mutex<Option<PerCpuArray<MapData, u64>>>,
+}
+
+impl Telemetry {
+    /// Sum of kernel counter `index` over CPUs.
+    pub fn kernel_counter(&self, index: u32) -> u64 {
+        let guard = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .and_then(|c| c.get(&index, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        counter("zerotel_events_read_total", "Events read from the kernel.", &[("", self.events_read.get())]);
+        let lost = self.kernel_counter(zerotel_abi::counters::EVENTS_LOST);
+        counter("zerotel_events_lost_total", "Events the kernel could not queue (ring buffer full).", &[("", lost)]);
+        let failed = self.kernel_counter(zerotel_abi::counters::CAPTURE_FAILED);
+        counter("zerotel_capture_failed_total", "Payload reads that failed in the kernel.", &[("", failed)]);
+        counter("zerotel_decode_errors_total", "Kernel records that did not decode.", &[("", self.decode_errors.get())]);
+        counter(
+            "zerotel_spans_total",
+            "Spans assembled, by kind.",
+            &[("{kind=\"server\"}", self.spans_server.get()), ("{kind=\"client\"}", self.spans_client.get())],
+        );
+        counter(
+            "zerotel_exchanges_desynchronised_total",
+            "Exchanges whose bytes were lost or unframeable; no span made.",
+            &[("", self.exchanges_desynchronised.get())],
+        );
+        counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", self.export.exported.load(Ordering::Relaxed))]);
+        let dropped = self.export.dropped.load(Ordering::Relaxed) + self.spans_queue_full.get();
+        counter("zerotel_spans_dropped_total", "Spans dropped: export queue full or export failed.", &[("", dropped)]);
+        counter("zerotel_export_errors_total", "Failed export calls.", &[("", self.export.errors.load(Ordering::Relaxed))]);
+        out
+    }
+}
+
+/// Serve `/healthz` and `/metrics` on an already bound listener until the task is dropped.
+pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = respond(&telemetry, req.uri().path());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn respond(telemetry: &Telemetry, path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/metrics" => (StatusCode::OK, telemetry.render()),
+        "/healthz" if telemetry.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "not found: try /metrics or /healthz\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// Bind the telemetry listener, with a message that names the address on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for /metrics and /healthz: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_counter() {
+        let t = Telemetry::default();
+        t.spans_server.add(3);
+        let text = t.render();
+        for name in [
+            "zerotel_events_read_total 0",
+            "zerotel_events_lost_total 0",
+            "zerotel_spans_total{kind=\"server\"} 3",
+            "zerotel_spans_total{kind=\"client\"} 0",
+            "zerotel_spans_exported_total 0",
+            "zerotel_spans_dropped_total 0",
+            "zerotel_export_errors_total 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn healthz_follows_readiness() {
+        let t = Telemetry::default();
+        assert_eq!(respond(&t, "/healthz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        t.ready.store(true, Ordering::Relaxed);
+        assert_eq!(respond(&t, "/healthz").status(), StatusCode::OK);
+        assert_eq!(respond(&t, "/nope").status(), StatusCode::NOT_FOUND);
+    }
+}

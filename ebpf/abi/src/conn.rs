@@ -1,0 +1,47 @@
+//! Per-connection state the kernel keeps in `CONNS`, keyed by [`conn_key`].
+
+/// Which end of the connection the traced process is.
+pub mod role {
+    /// Accepted: the process serves requests.
+    pub const SERVER: u8 = 1;
+    /// Connected: the process sends requests.
+    pub const CLIENT: u8 = 2;
+}
+
+/// What the kernel has classified the connection's bytes as.
+pub mod protocol {
+    /// No payload seen yet.
+    pub const UNKNOWN: u8 = 0;
+    pub const HTTP1: u8 = 1;
+    /// Something zerotel does not parse: its bytes stay in the kernel.
+    pub const OTHER: u8 = 255;
+}
+
+/// Byte direction, seen from the traced process.
+pub mod direction {
+    /// Written by the process (write, send*, sendfile, splice out).
+    pub const EGRESS: u8 = 0;
+    /// Read by the process (read, recv*, splice in).
+    pub const INGRESS: u8 = 1;
+}
+
+/// `CONNS` key: the process (tgid) and its file descriptor.
+#[inline(always)]
+pub const fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+/// `CONNS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// Unique for the agent's lifetime; events name their connection by it.
+    pub conn_id: u64,
+    /// Bytes moved so far per [`direction`]: lets the agent see lost events as gaps.
+    pub seq: [u64; 2],
+    pub role: u8,
+    pub protocol: u8,
+    /// Per direction: the previous segment was a small captured one, so the next may continue a head.
+    pub capture_next: [u8; 2],
+    pub _pad: [u8; 4],
+}

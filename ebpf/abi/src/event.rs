@@ -1,0 +1,103 @@
+//! Events sent through the `EVENTS` ring buffer.
+
+/// Bytes of payload a data event carries at most (a power of two: the verifier bounds reads with it).
+pub const MAX_CAPTURE: usize = 1024;
+
+/// `EventHeader::kind` values.
+pub mod kind {
+    pub const CONN_OPEN: u32 = 1;
+    /// A data syscall whose bytes were not captured (body bytes): [`super::DataMeta`] alone.
+    pub const DATA_META: u32 = 2;
+    /// A data syscall with its first bytes: [`super::DataEvent`].
+    pub const DATA: u32 = 3;
+    pub const CONN_CLOSE: u32 = 4;
+    pub const PROCESS_EXEC: u32 = 5;
+    pub const PROCESS_EXIT: u32 = 6;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event was made.
+    pub ts_ns: u64,
+}
+
+/// An IPv4 or IPv6 endpoint. IPv4 uses the first 4 bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// A traced process accepted or connected a TCP socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOpenEvent {
+    pub header: EventHeader,
+    pub conn_id: u64,
+    pub fd: u32,
+    /// [`crate::role`].
+    pub role: u8,
+    pub _pad: [u8; 3],
+    pub local: Endpoint,
+    pub remote: Endpoint,
+}
+
+/// What every data event says about one syscall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataMeta {
+    pub header: EventHeader,
+    pub conn_id: u64,
+    /// Syscall entry time (the header's `ts_ns` is the exit time).
+    pub start_ns: u64,
+    /// Bytes the syscall moved.
+    pub len: u64,
+    /// Bytes moved in this direction before this syscall.
+    pub seq: u64,
+    pub fd: u32,
+    /// [`crate::direction`].
+    pub direction: u8,
+    /// [`crate::protocol`] of the connection.
+    pub protocol: u8,
+    /// Payload bytes that follow in a [`DataEvent`] (0 for a bare [`DataMeta`]).
+    pub captured: u16,
+}
+
+/// A data syscall with its first bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataEvent {
+    pub meta: DataMeta,
+    pub payload: [u8; MAX_CAPTURE],
+}
+
+/// A traced process closed a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCloseEvent {
+    pub header: EventHeader,
+    pub conn_id: u64,
+    pub fd: u32,
+    pub _pad: u32,
+}
+
+/// A process executed a new program, or a traced process ended (header only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    pub header: EventHeader,
+    /// The task's name (`comm`), NUL-padded: names the process once /proc no longer has it.
+    pub comm: [u8; 16],
+}

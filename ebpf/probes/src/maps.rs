@@ -1,0 +1,110 @@
+//! Every map and global the programs share. All are bounded (see `zerotel_abi::limits`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use zerotel_abi::{limits, ConnState, KernelOffsets};
+
+/// Events for the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+
+/// Processes (tgid) to trace; the agent fills it, fork inherits it.
+#[map]
+pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(limits::TRACED_PIDS, 0);
+
+/// Tracked TCP connections by `conn_key(tgid, fd)`. LRU: a process killed mid-connection cannot leak.
+#[map]
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(limits::CONNS, 0);
+
+/// Arguments of data/connect syscalls in flight, by pid_tgid, from entry to exit.
+#[map]
+pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
+    LruHashMap::with_max_entries(limits::IN_FLIGHT_SYSCALLS, 0);
+
+/// Drop counters (`zerotel_abi::counters`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(zerotel_abi::counters::COUNT, 0);
+
+/// Per-CPU sequence for connection ids.
+#[map]
+pub static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by the agent: trace every process but the agent (no selector given).
+#[unsafe(no_mangle)]
+pub static TRACE_ALL: u8 = 0;
+#[unsafe(no_mangle)]
+pub static AGENT_PID: u32 = 0;
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_inode: 0,
+    file_private_data: 0,
+    inode_mode: 0,
+    socket_type: 0,
+    socket_sk: 0,
+    sk_family: 0,
+    sk_daddr: 0,
+    sk_rcv_saddr: 0,
+    sk_dport: 0,
+    sk_num: 0,
+    sk_v6_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+};
+
+/// How the exit program finds the bytes of the call.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    /// `buf` is the data.
+    Plain = 0,
+    /// `buf` is a `struct iovec *`.
+    Iovec = 1,
+    /// `buf` is a `struct user_msghdr *`.
+    Msghdr = 2,
+    /// No user buffer (sendfile, splice): byte count only.
+    None = 3,
+    /// connect(): no data; the exit program tracks the socket.
+    Connect = 4,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InFlight {
+    pub buf: u64,
+    pub start_ns: u64,
+    pub fd: u32,
+    pub direction: u8,
+    pub buffer: Buffer,
+    pub _pad: [u8; 2],
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: a read-only global the agent set before load; volatile so the compiler cannot fold it.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// True when the current process is traced: the first check of every program.
+#[inline(always)]
+pub fn is_traced(tgid: u32) -> bool {
+    // SAFETY: read-only globals set before load.
+    let (all, agent) = unsafe { (core::ptr::read_volatile(&TRACE_ALL), core::ptr::read_volatile(&AGENT_PID)) };
+    if all != 0 {
+        return tgid != agent;
+    }
+    // SAFETY: the value is a plain u8 and only compared against None.
+    unsafe { TRACED_PIDS.get(&tgid).is_some() }
+}

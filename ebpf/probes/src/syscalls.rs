@@ -1,0 +1,243 @@
+//! Data syscalls on tracked connections. Entry records the arguments, exit (which knows the byte
+//! count) emits the event. Non-HTTP connections are classified once and then cost one map lookup.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_AVAIL_DATA},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use zerotel_abi::{
+    conn_key, counters, direction, kind, protocol, DataEvent, DataMeta, MAX_CAPTURE,
+};
+
+use crate::{
+    classify::is_http_start,
+    conns::{header, ENTER_ARG0, EXIT_RET},
+    maps::{count, is_traced, Buffer, InFlight, CONNS, EVENTS, IN_FLIGHT},
+};
+
+/// Wake the agent only once this much is queued; it also drains on a short timer. Batching wake-ups
+/// is what keeps the agent cheap at high request rates.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+const ARG1: usize = ENTER_ARG0 + 8;
+const ARG2: usize = ENTER_ARG0 + 16;
+
+/// Remember the call if `fd` is a tracked connection that may carry HTTP.
+#[inline(always)]
+fn enter(fd: u32, buf: u64, dir: u8, buffer: Buffer) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return Ok(());
+    }
+    // SAFETY: plain-old-data value.
+    let conn = unsafe { CONNS.get(&conn_key(tgid, fd)) }.ok_or(0i32)?;
+    if conn.protocol == protocol::OTHER {
+        return Ok(());
+    }
+    // SAFETY: helper without arguments.
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let call = InFlight { buf, start_ns, fd, direction: dir, buffer, _pad: [0; 2] };
+    IN_FLIGHT.insert(&pid_tgid, &call, 0)
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, offset: usize) -> Result<u64, i32> {
+    // SAFETY: offsets from the syscalls/sys_enter_* formats: 8-byte arguments from offset 16.
+    unsafe { ctx.read_at::<u64>(offset) }
+}
+
+macro_rules! enter_program {
+    ($(#[$doc:meta])* $name:ident, $dir:expr, $buffer:expr) => {
+        $(#[$doc])*
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let run = || -> Result<(), i32> { enter(arg(&ctx, ENTER_ARG0)? as u32, arg(&ctx, ARG1)?, $dir, $buffer) };
+            match run() {
+                Ok(()) | Err(_) => 0,
+            }
+        }
+    };
+}
+
+enter_program!(
+    /// sys_enter_read `(unsigned int fd, char *buf, size_t count)`, sys_enter_recvfrom `(int fd, void *ubuf, size_t size, ...)`.
+    zt_enter_recv, direction::INGRESS, Buffer::Plain);
+enter_program!(
+    /// sys_enter_write `(unsigned int fd, const char *buf, size_t count)`, sys_enter_sendto `(int fd, void *buff, size_t len, ...)`.
+    zt_enter_send, direction::EGRESS, Buffer::Plain);
+enter_program!(
+    /// sys_enter_readv `(unsigned long fd, const struct iovec *vec, unsigned long vlen)`.
+    zt_enter_readv, direction::INGRESS, Buffer::Iovec);
+enter_program!(
+    /// sys_enter_writev `(unsigned long fd, const struct iovec *vec, unsigned long vlen)`.
+    zt_enter_writev, direction::EGRESS, Buffer::Iovec);
+enter_program!(
+    /// sys_enter_recvmsg `(int fd, struct user_msghdr *msg, unsigned int flags)`.
+    zt_enter_recvmsg, direction::INGRESS, Buffer::Msghdr);
+enter_program!(
+    /// sys_enter_sendmsg `(int fd, struct user_msghdr *msg, unsigned int flags)`.
+    zt_enter_sendmsg, direction::EGRESS, Buffer::Msghdr);
+
+/// sys_enter_sendfile64 `(int out_fd, int in_fd, loff_t *offset, size_t count)`: body bytes, counted only.
+#[tracepoint]
+pub fn zt_enter_sendfile(ctx: TracePointContext) -> u32 {
+    let run = || -> Result<(), i32> { enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::EGRESS, Buffer::None) };
+    match run() {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// sys_enter_splice `(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len, unsigned int flags)`:
+/// counted on whichever end is a tracked connection.
+#[tracepoint]
+pub fn zt_enter_splice(ctx: TracePointContext) -> u32 {
+    let run = || -> Result<(), i32> {
+        let fd_out = arg(&ctx, ARG2)? as u32;
+        match enter(fd_out, 0, direction::EGRESS, Buffer::None) {
+            Ok(()) => Ok(()),
+            Err(_) => enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::INGRESS, Buffer::None),
+        }
+    };
+    match run() {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// sys_exit_{read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg,sendfile64,splice}: `long ret`.
+#[tracepoint]
+pub fn zt_exit_data(ctx: TracePointContext) -> u32 {
+    match try_exit_data(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: plain-old-data value, copied out before removal.
+    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied().ok_or(0i32)?;
+    IN_FLIGHT.remove(&pid_tgid)?;
+    // SAFETY: offset from the sys_exit_* format.
+    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }?;
+    if ret <= 0 || call.buffer == Buffer::Connect {
+        return Ok(());
+    }
+    let key = conn_key((pid_tgid >> 32) as u32, call.fd);
+    let conn = CONNS.get_ptr_mut(&key).ok_or(0i32)?;
+    // SAFETY: a live map value; concurrent use of one fd by two threads at once only skews counters.
+    let conn = unsafe { &mut *conn };
+    let len = ret as u64;
+    let (data, avail) = user_bytes(&call, len);
+    let prefix = read_prefix(data, avail);
+    if conn.protocol == protocol::UNKNOWN && avail > 0 {
+        conn.protocol = if is_http_start(&prefix) { protocol::HTTP1 } else { protocol::OTHER };
+    }
+    let dir = (call.direction & 1) as usize;
+    let seq = conn.seq[dir];
+    conn.seq[dir] = seq + len;
+    if conn.protocol != protocol::HTTP1 {
+        return Ok(());
+    }
+    let capture = avail > 0 && (is_http_start(&prefix) || conn.capture_next[dir] != 0);
+    conn.capture_next[dir] = (capture && len <= MAX_CAPTURE as u64) as u8;
+    let meta = DataMeta {
+        header: header(kind::DATA_META, pid_tgid),
+        conn_id: conn.conn_id,
+        start_ns: call.start_ns,
+        len,
+        seq,
+        fd: call.fd,
+        direction: call.direction,
+        protocol: conn.protocol,
+        captured: 0,
+    };
+    if capture { emit_with_payload(meta, data, avail) } else { emit_meta(meta) }
+    Ok(())
+}
+
+/// Where the call's first bytes are in user memory, and how many of them (at most `len`).
+#[inline(always)]
+fn user_bytes(call: &InFlight, len: u64) -> (u64, u64) {
+    let (ptr, size) = match call.buffer {
+        Buffer::Plain => (call.buf, len),
+        Buffer::Iovec => first_iovec(call.buf),
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+        Buffer::Msghdr => {
+            // SAFETY: probe reads fault safely.
+            let iov: u64 = unsafe { bpf_probe_read_user((call.buf + 16) as *const u64) }.unwrap_or(0);
+            let iovlen: u64 = unsafe { bpf_probe_read_user((call.buf + 24) as *const u64) }.unwrap_or(0);
+            if iov == 0 || iovlen == 0 { (0, 0) } else { first_iovec(iov) }
+        }
+        Buffer::None | Buffer::Connect => (0, 0),
+    };
+    if ptr == 0 { (0, 0) } else { (ptr, size.min(len)) }
+}
+
+/// struct iovec { void *iov_base; size_t iov_len; }: the first one holds the head in practice
+/// (nginx and node put the header block first).
+#[inline(always)]
+fn first_iovec(vec: u64) -> (u64, u64) {
+    // SAFETY: probe read faults safely.
+    match unsafe { bpf_probe_read_user(vec as *const [u64; 2]) } {
+        Ok([base, len]) => (base, len),
+        Err(_) => (0, 0),
+    }
+}
+
+#[inline(always)]
+fn read_prefix(data: u64, avail: u64) -> [u8; 8] {
+    if data == 0 || avail < 8 {
+        return [0; 8];
+    }
+    // SAFETY: probe read faults safely.
+    unsafe { bpf_probe_read_user(data as *const [u8; 8]) }.unwrap_or([0; 8])
+}
+
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+#[inline(always)]
+fn emit_meta(meta: DataMeta) {
+    match EVENTS.reserve::<DataMeta>(0) {
+        Some(mut entry) => {
+            entry.write(meta);
+            entry.submit(wakeup_flags());
+        }
+        None => count(counters::EVENTS_LOST),
+    }
+}
+
+#[inline(always)]
+fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64) {
+    let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
+        count(counters::EVENTS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let size = if avail > MAX_CAPTURE as u64 { MAX_CAPTURE as u32 } else { avail as u32 };
+    // SAFETY: `event` is our reservation; size <= MAX_CAPTURE = payload's length.
+    let read = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            core::ptr::addr_of_mut!((*event).payload).cast(),
+            size,
+            data as *const core::ffi::c_void,
+        )
+    };
+    meta.header.kind = kind::DATA;
+    if read == 0 {
+        meta.captured = size as u16;
+    } else {
+        count(counters::CAPTURE_FAILED);
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::addr_of_mut!((*event).meta).write(meta) };
+    entry.submit(wakeup_flags());
+}
