@@ -1,0 +1,117 @@
+//! zerotel's developer tasks: `cargo xtask <setup|build|run|test|bench>` (alias in .cargo/config.toml).
+
+mod bench;
+mod cargo_cmd;
+mod run;
+mod setup;
+mod signals;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "zerotel developer tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, nginx/wrk/...); fast when already done.
+    Setup,
+    /// Build the agent (`cargo build -p zerotel`) and print the binary's path.
+    Build {
+        /// Optimized build (target/release).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run the agent as root: `cargo xtask run [--release] -- [agent args]`.
+    Run {
+        /// Run the optimized build.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for the agent.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, then the integration tests against the built agent:
+    /// `cargo xtask test [-- CARGO_TEST_ARGS [-- TEST_BINARY_ARGS]]`.
+    Test {
+        /// Passed to both `cargo test` runs; after a second `--`, to the test binaries.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Traced-vs-untraced benchmarks (root): `cargo xtask bench [http] [--rounds N] ...`.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().cmd) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Setup => setup::run(setup::Opts { peers: true }).map(|()| 0),
+        Cmd::Build { release } => {
+            setup::run(setup::Opts { peers: false })?;
+            let exe = cargo_cmd::build_agent(release)?;
+            println!("{}", exe.display());
+            Ok(0)
+        }
+        Cmd::Run { release, args } => run::run(release, &args),
+        Cmd::Test { args } => test::run(&args),
+        Cmd::Bench(args) => bench::run(args).map(|()| 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+            .unwrap()
+            .cmd
+    }
+
+    #[test]
+    fn trailing_args_keep_inner_separator() {
+        let Cmd::Test { args } = parse(&["test", "--", "spans", "--", "--nocapture"]) else {
+            panic!()
+        };
+        assert_eq!(args, ["spans", "--", "--nocapture"]);
+        let Cmd::Run { release, args } = parse(&["run", "--release", "--", "--pid", "1"]) else {
+            panic!()
+        };
+        assert!(release);
+        assert_eq!(args, ["--pid", "1"]);
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let Cmd::Bench(b) = parse(&["bench", "http"]) else {
+            panic!()
+        };
+        assert_eq!(
+            (b.rounds, b.duration, b.connections, b.threads),
+            (3, 10, 50, 2)
+        );
+        assert_eq!(b.names, ["http"]);
+    }
+}
