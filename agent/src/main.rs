@@ -63,7 +63,8 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let (probes, maps) = Probes::load_and_attach(scope)?;
     *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
 
-    let discovery = Discovery::new(config.selector, maps.traced_pids, maps.conns, BaseResource::from_env(env));
+    let kernel = discovery::KernelState { traced_pids: maps.traced_pids, conns: maps.conns, in_flight: maps.in_flight };
+    let discovery = Discovery::new(config.selector, kernel, BaseResource::from_env(env));
     let mut assembler = Assembler::new(discovery, telemetry.clone());
     assembler.initial_scan();
 

@@ -47,6 +47,10 @@ pub struct Telemetry {
     pub spans_client: Counter,
     /// Assemble: exchanges whose bytes were lost or could not be framed (no span made).
     pub exchanges_desynchronised: Counter,
+    /// Assemble: times an HTTP/1 connection lost sync (gaps, garbage, unframeable messages).
+    pub http_desyncs: Counter,
+    /// Assemble: connections tracked now (gauge).
+    pub connections: AtomicU64,
     /// Assemble -> export: spans dropped because the export queue was full.
     pub spans_queue_full: Counter,
     /// Export stage counters.
@@ -93,10 +97,16 @@ impl Telemetry {
             "Exchanges whose bytes were lost or unframeable; no span made.",
             &[("", self.exchanges_desynchronised.get())],
         );
+        counter("zerotel_http_desyncs_total", "Times an HTTP/1 connection lost sync.", &[("", self.http_desyncs.get())]);
         counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", self.export.exported.load(Ordering::Relaxed))]);
         let dropped = self.export.dropped.load(Ordering::Relaxed) + self.spans_queue_full.get();
         counter("zerotel_spans_dropped_total", "Spans dropped: export queue full or export failed.", &[("", dropped)]);
         counter("zerotel_export_errors_total", "Failed export calls.", &[("", self.export.errors.load(Ordering::Relaxed))]);
+        let _ = writeln!(
+            out,
+            "# HELP zerotel_connections Connections tracked now.\n# TYPE zerotel_connections gauge\nzerotel_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -46,7 +46,8 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut ring = AsyncFd::new(ring)?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open while the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
     let mut tick = time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     loop {

@@ -114,12 +114,6 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
-/// Lowercase hex of an id.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes.iter().flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 0xf) as usize] as char]).collect()
-}
-
 /// Fresh random ids (never all zero).
 pub fn new_trace_id() -> TraceId {
     loop {
@@ -142,6 +136,12 @@ pub fn new_span_id() -> SpanId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lowercase hex of an id.
+    fn hex(bytes: &[u8]) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        bytes.iter().flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 0xf) as usize] as char]).collect()
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()

@@ -17,7 +17,7 @@ use procfs::{
     process::{FDTarget, Process},
 };
 use regex::Regex;
-use zerotel_abi::{conn_key, protocol, role, ConnState};
+use zerotel_abi::{buffer, conn_key, direction, protocol, role, ConnState, InFlight};
 
 use crate::spans::model::Resource;
 use resource::BaseResource;
@@ -51,11 +51,17 @@ pub struct SeededConn {
     pub remote: SocketAddr,
 }
 
+/// The kernel maps discovery keeps in step with what it selects.
+pub struct KernelState {
+    pub traced_pids: BpfHashMap<MapData, u32, u8>,
+    pub conns: BpfHashMap<MapData, u64, ConnState>,
+    pub in_flight: BpfHashMap<MapData, u64, InFlight>,
+}
+
 pub struct Discovery {
     selector: Selector,
     trace_all: bool,
-    traced_pids: BpfHashMap<MapData, u32, u8>,
-    conns: BpfHashMap<MapData, u64, ConnState>,
+    kernel: KernelState,
     traced: HashSet<u32>,
     resources: HashMap<u32, Arc<Resource>>,
     base: BaseResource,
@@ -69,17 +75,11 @@ const SEEDED_ID_BIT: u64 = 1 << 63;
 const MAX_RESOURCES: usize = 16_384;
 
 impl Discovery {
-    pub fn new(
-        selector: Selector,
-        traced_pids: BpfHashMap<MapData, u32, u8>,
-        conns: BpfHashMap<MapData, u64, ConnState>,
-        base: BaseResource,
-    ) -> Self {
+    pub fn new(selector: Selector, kernel: KernelState, base: BaseResource) -> Self {
         Self {
             trace_all: selector.is_empty(),
             selector,
-            traced_pids,
-            conns,
+            kernel,
             traced: HashSet::new(),
             resources: HashMap::new(),
             base,
@@ -119,12 +119,12 @@ impl Discovery {
     pub fn on_exit(&mut self, pid: u32) {
         self.traced.remove(&pid);
         self.resources.remove(&pid);
-        let _ = self.traced_pids.remove(&pid);
+        let _ = self.kernel.traced_pids.remove(&pid);
     }
 
     /// Forget kernel state of a connection whose process ended without closing it.
     pub fn forget_conn(&mut self, pid: u32, fd: u32) {
-        let _ = self.conns.remove(&conn_key(pid, fd));
+        let _ = self.kernel.conns.remove(&conn_key(pid, fd));
     }
 
     /// Whether port selectors need periodic rescans (a process may start listening any time).
@@ -164,7 +164,7 @@ impl Discovery {
     /// Trace `pid`: kernel map, resource, and its established TCP connections.
     fn select(&mut self, pid: u32) -> Vec<SeededConn> {
         if !self.trace_all {
-            if let Err(e) = self.traced_pids.insert(pid, 1, 0) {
+            if let Err(e) = self.kernel.traced_pids.insert(pid, 1, 0) {
                 log::warn!("cannot trace pid {pid}: {e}");
                 return Vec::new();
             }
@@ -191,18 +191,43 @@ impl Discovery {
                 seeded.push(conn);
             }
         }
+        let fds: HashSet<u32> = seeded.iter().map(|c| c.fd).collect();
+        if !fds.is_empty() {
+            self.seed_blocked_calls(pid, &fds);
+        }
         seeded
+    }
+
+    /// Threads already blocked in a read or write on a seeded socket when the probes attached (a
+    /// keep-alive server waiting for the next request): the kernel never saw that call's entry,
+    /// so record it from /proc/PID/task/TID/syscall, as the entry program would have.
+    fn seed_blocked_calls(&mut self, pid: u32, fds: &HashSet<u32>) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let path = task.path().join("syscall");
+            let Ok(before) = std::fs::read_to_string(&path) else { continue };
+            let Some(call) = blocked_call(&before).filter(|c| fds.contains(&c.fd)) else { continue };
+            let key = (u64::from(pid) << 32) | u64::from(tid);
+            if self.kernel.in_flight.insert(key, call, 0).is_err() {
+                continue;
+            }
+            // The call may have returned meanwhile: then the record would be stale.
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(before.as_str()) {
+                let _ = self.kernel.in_flight.remove(&key);
+            }
+        }
     }
 
     fn seed(&mut self, pid: u32, fd: u32, conn_role: u8, entry: &TcpNetEntry) -> Option<SeededConn> {
         let key = conn_key(pid, fd);
-        if self.conns.get(&key, 0).is_ok() {
+        if self.kernel.conns.get(&key, 0).is_ok() {
             return None; // the kernel saw it open
         }
         self.next_seeded_id += 1;
         let conn_id = SEEDED_ID_BIT | self.next_seeded_id;
         let state = ConnState { conn_id, role: conn_role, protocol: protocol::UNKNOWN, ..Default::default() };
-        self.conns.insert(key, state, 0).ok()?;
+        self.kernel.conns.insert(key, state, 0).ok()?;
         Some(SeededConn { pid, fd, conn_id, role: conn_role, local: entry.local_address, remote: entry.remote_address })
     }
 }
@@ -243,6 +268,50 @@ fn socket_inodes(process: &Process) -> impl Iterator<Item = (u32, u64)> {
     })
 }
 
+/// Parse `/proc/PID/task/TID/syscall` ("nr arg0 arg1 ... sp pc", arguments in hex) into the
+/// record the entry program makes, for the data syscalls the probes handle.
+pub fn blocked_call(text: &str) -> Option<InFlight> {
+    let mut fields = text.split_whitespace();
+    let nr: i64 = fields.next()?.parse().ok()?;
+    let mut arg = || fields.next().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+    let (fd, buf) = (arg()?, arg()?);
+    let (dir, kind) = match nr {
+        libc::SYS_read | libc::SYS_recvfrom => (direction::INGRESS, buffer::PLAIN),
+        libc::SYS_readv => (direction::INGRESS, buffer::IOVEC),
+        libc::SYS_recvmsg => (direction::INGRESS, buffer::MSGHDR),
+        libc::SYS_write | libc::SYS_sendto => (direction::EGRESS, buffer::PLAIN),
+        libc::SYS_writev => (direction::EGRESS, buffer::IOVEC),
+        libc::SYS_sendmsg => (direction::EGRESS, buffer::MSGHDR),
+        _ => return None,
+    };
+    let fd = u32::try_from(fd).ok()?;
+    Some(InFlight { buf, start_ns: monotonic_now_ns(), fd, direction: dir, buffer: kind, _pad: [0; 2] })
+}
+
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 fn exe_path(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_blocked_calls() {
+        let line = format!("{} 0x5 0x7f00aa 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01", libc::SYS_recvfrom);
+        let call = blocked_call(&line).expect("recvfrom is a data call");
+        assert_eq!((call.fd, call.buf, call.direction, call.buffer), (5, 0x7f00aa, direction::INGRESS, buffer::PLAIN));
+        let line = format!("{} 0x7 0x10 0x2 0x0 0x0 0x0 0x1 0x2", libc::SYS_writev);
+        assert_eq!(blocked_call(&line).map(|c| c.buffer), Some(buffer::IOVEC));
+        for other in ["running", "-1 0x7ffd 0x7f01", "", &format!("{} 0x1 0x2", libc::SYS_futex)] {
+            assert_eq!(blocked_call(other), None, "{other}");
+        }
+    }
 }

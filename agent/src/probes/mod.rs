@@ -10,7 +10,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use zerotel_abi::{names, ConnState};
+use zerotel_abi::{names, ConnState, InFlight};
 
 /// Why the probes could not run here, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,7 @@ pub struct KernelMaps {
     pub events: RingBuf<MapData>,
     pub traced_pids: BpfHashMap<MapData, u32, u8>,
     pub conns: BpfHashMap<MapData, u64, ConnState>,
+    pub in_flight: BpfHashMap<MapData, u64, InFlight>,
     pub counters: PerCpuArray<MapData, u64>,
 }
 
@@ -181,6 +182,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<KernelMaps, ProbeError> {
         events: take(ebpf, names::EVENTS)?,
         traced_pids: take(ebpf, names::TRACED_PIDS)?,
         conns: take(ebpf, names::CONNS)?,
+        in_flight: take(ebpf, names::IN_FLIGHT)?,
         counters: take(ebpf, names::COUNTERS)?,
     })
 }

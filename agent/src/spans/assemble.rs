@@ -117,7 +117,12 @@ impl Assembler {
         let Some(conn) = self.conns.get_mut(meta.conn_id) else { return };
         let segment = conn.segment(meta, payload);
         conn.http.push(&segment, &mut self.outputs);
+        let upgraded = conn.http.is_upgraded();
         self.flush_outputs(meta.conn_id, meta.header.tid);
+        if upgraded {
+            // WebSocket and other upgrades: nothing more to parse here.
+            self.forget(meta.conn_id);
+        }
     }
 
     fn on_close(&mut self, e: &ConnCloseEvent) {
@@ -128,7 +133,13 @@ impl Assembler {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         conn.http.close(ts_ns, &mut self.outputs);
         self.flush_outputs(conn_id, 0);
-        self.conns.remove(conn_id);
+        self.forget(conn_id);
+    }
+
+    fn forget(&mut self, conn_id: u64) {
+        if let Some(conn) = self.conns.remove(conn_id) {
+            self.telemetry.http_desyncs.add(conn.http.desync_count());
+        }
     }
 
     fn on_exec(&mut self, e: &ProcessEvent) {
@@ -291,6 +302,7 @@ pub async fn run(mut assembler: Assembler, mut rx: mpsc::Receiver<Vec<CapturedEv
                     assembler.handle(event);
                 }
                 forward(&mut assembler, &tx);
+                assembler.telemetry.connections.store(assembler.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
             _ = rescan.tick() => assembler.rescan_if_needed(),
         }

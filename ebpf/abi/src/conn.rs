@@ -45,3 +45,32 @@ pub struct ConnState {
     pub capture_next: [u8; 2],
     pub _pad: [u8; 4],
 }
+
+/// How the exit program finds the bytes of a call ([`InFlight::buffer`]).
+pub mod buffer {
+    /// `buf` is the data.
+    pub const PLAIN: u8 = 0;
+    /// `buf` is a `struct iovec *`.
+    pub const IOVEC: u8 = 1;
+    /// `buf` is a `struct user_msghdr *`.
+    pub const MSGHDR: u8 = 2;
+    /// No user buffer (sendfile, splice): byte count only.
+    pub const NONE: u8 = 3;
+    /// connect(): no data; the exit program tracks the socket.
+    pub const CONNECT: u8 = 4;
+}
+
+/// `IN_FLIGHT` value: a syscall's arguments from entry to exit, by pid_tgid. The agent also writes
+/// it for threads that were already blocked in a call when it attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub buf: u64,
+    pub start_ns: u64,
+    pub fd: u32,
+    /// [`direction`].
+    pub direction: u8,
+    /// [`buffer`].
+    pub buffer: u8,
+    pub _pad: [u8; 2],
+}

@@ -20,6 +20,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const TRACED_PIDS: &str = "TRACED_PIDS";
     pub const CONNS: &str = "CONNS";
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
     pub const COUNTERS: &str = "COUNTERS";
     pub const TRACE_ALL: &str = "TRACE_ALL";
     pub const AGENT_PID: &str = "AGENT_PID";

@@ -7,6 +7,7 @@ use crate::{
 
 // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with explicit padding.
 unsafe impl aya::Pod for ConnState {}
+unsafe impl aya::Pod for crate::InFlight {}
 unsafe impl aya::Pod for KernelOffsets {}
 
 /// A ring-buffer record, decoded.

@@ -6,11 +6,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use zerotel_abi::{
-    conn_key, kind, protocol, role, ConnCloseEvent, ConnOpenEvent, ConnState, Endpoint, EventHeader,
+    buffer, conn_key, kind, protocol, role, InFlight, ConnCloseEvent, ConnOpenEvent, ConnState, Endpoint, EventHeader,
     KernelOffsets,
 };
 
-use crate::maps::{count, is_traced, offsets, Buffer, InFlight, CONNS, CONN_SEQ, EVENTS, IN_FLIGHT};
+use crate::maps::{count, is_traced, offsets, CONNS, CONN_SEQ, EVENTS, IN_FLIGHT};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -173,7 +173,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     }
     // SAFETY: offset from the tracepoint format.
     let fd: u64 = unsafe { ctx.read_at(ENTER_ARG0) }?;
-    let call = InFlight { buf: 0, start_ns: 0, fd: fd as u32, direction: 0, buffer: Buffer::Connect, _pad: [0; 2] };
+    let call = InFlight { buf: 0, start_ns: 0, fd: fd as u32, direction: 0, buffer: buffer::CONNECT, _pad: [0; 2] };
     IN_FLIGHT.insert(&pid_tgid, &call, 0)
 }
 
@@ -190,7 +190,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: plain-old-data value, copied out before removal.
     let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied().ok_or(0i32)?;
     IN_FLIGHT.remove(&pid_tgid)?;
-    if call.buffer != Buffer::Connect {
+    if call.buffer != buffer::CONNECT {
         return Ok(());
     }
     // SAFETY: offset from the tracepoint format.

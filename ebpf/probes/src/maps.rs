@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use zerotel_abi::{limits, ConnState, KernelOffsets};
+use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets};
 
 /// Events for the agent.
 #[map]
@@ -55,33 +55,6 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     sk_v6_daddr: 0,
     sk_v6_rcv_saddr: 0,
 };
-
-/// How the exit program finds the bytes of the call.
-#[repr(u8)]
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Buffer {
-    /// `buf` is the data.
-    Plain = 0,
-    /// `buf` is a `struct iovec *`.
-    Iovec = 1,
-    /// `buf` is a `struct user_msghdr *`.
-    Msghdr = 2,
-    /// No user buffer (sendfile, splice): byte count only.
-    None = 3,
-    /// connect(): no data; the exit program tracks the socket.
-    Connect = 4,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct InFlight {
-    pub buf: u64,
-    pub start_ns: u64,
-    pub fd: u32,
-    pub direction: u8,
-    pub buffer: Buffer,
-    pub _pad: [u8; 2],
-}
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use zerotel_abi::{
-    conn_key, counters, direction, kind, protocol, DataEvent, DataMeta, MAX_CAPTURE,
+    buffer, conn_key, counters, direction, kind, protocol, DataEvent, DataMeta, InFlight, MAX_CAPTURE,
 };
 
 use crate::{
     classify::is_http_start,
     conns::{header, ENTER_ARG0, EXIT_RET},
-    maps::{count, is_traced, Buffer, InFlight, CONNS, EVENTS, IN_FLIGHT},
+    maps::{count, is_traced, CONNS, EVENTS, IN_FLIGHT},
 };
 
 /// Wake the agent only once this much is queued; it also drains on a short timer. Batching wake-ups
@@ -26,7 +26,7 @@ const ARG2: usize = ENTER_ARG0 + 16;
 
 /// Remember the call if `fd` is a tracked connection that may carry HTTP.
 #[inline(always)]
-fn enter(fd: u32, buf: u64, dir: u8, buffer: Buffer) -> Result<(), i32> {
+fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !is_traced(tgid) {
@@ -64,27 +64,27 @@ macro_rules! enter_program {
 
 enter_program!(
     /// sys_enter_read `(unsigned int fd, char *buf, size_t count)`, sys_enter_recvfrom `(int fd, void *ubuf, size_t size, ...)`.
-    zt_enter_recv, direction::INGRESS, Buffer::Plain);
+    zt_enter_recv, direction::INGRESS, buffer::PLAIN);
 enter_program!(
     /// sys_enter_write `(unsigned int fd, const char *buf, size_t count)`, sys_enter_sendto `(int fd, void *buff, size_t len, ...)`.
-    zt_enter_send, direction::EGRESS, Buffer::Plain);
+    zt_enter_send, direction::EGRESS, buffer::PLAIN);
 enter_program!(
     /// sys_enter_readv `(unsigned long fd, const struct iovec *vec, unsigned long vlen)`.
-    zt_enter_readv, direction::INGRESS, Buffer::Iovec);
+    zt_enter_readv, direction::INGRESS, buffer::IOVEC);
 enter_program!(
     /// sys_enter_writev `(unsigned long fd, const struct iovec *vec, unsigned long vlen)`.
-    zt_enter_writev, direction::EGRESS, Buffer::Iovec);
+    zt_enter_writev, direction::EGRESS, buffer::IOVEC);
 enter_program!(
     /// sys_enter_recvmsg `(int fd, struct user_msghdr *msg, unsigned int flags)`.
-    zt_enter_recvmsg, direction::INGRESS, Buffer::Msghdr);
+    zt_enter_recvmsg, direction::INGRESS, buffer::MSGHDR);
 enter_program!(
     /// sys_enter_sendmsg `(int fd, struct user_msghdr *msg, unsigned int flags)`.
-    zt_enter_sendmsg, direction::EGRESS, Buffer::Msghdr);
+    zt_enter_sendmsg, direction::EGRESS, buffer::MSGHDR);
 
 /// sys_enter_sendfile64 `(int out_fd, int in_fd, loff_t *offset, size_t count)`: body bytes, counted only.
 #[tracepoint]
 pub fn zt_enter_sendfile(ctx: TracePointContext) -> u32 {
-    let run = || -> Result<(), i32> { enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::EGRESS, Buffer::None) };
+    let run = || -> Result<(), i32> { enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::EGRESS, buffer::NONE) };
     match run() {
         Ok(()) | Err(_) => 0,
     }
@@ -96,9 +96,9 @@ pub fn zt_enter_sendfile(ctx: TracePointContext) -> u32 {
 pub fn zt_enter_splice(ctx: TracePointContext) -> u32 {
     let run = || -> Result<(), i32> {
         let fd_out = arg(&ctx, ARG2)? as u32;
-        match enter(fd_out, 0, direction::EGRESS, Buffer::None) {
+        match enter(fd_out, 0, direction::EGRESS, buffer::NONE) {
             Ok(()) => Ok(()),
-            Err(_) => enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::INGRESS, Buffer::None),
+            Err(_) => enter(arg(&ctx, ENTER_ARG0)? as u32, 0, direction::INGRESS, buffer::NONE),
         }
     };
     match run() {
@@ -121,7 +121,7 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     IN_FLIGHT.remove(&pid_tgid)?;
     // SAFETY: offset from the sys_exit_* format.
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }?;
-    if ret <= 0 || call.buffer == Buffer::Connect {
+    if ret <= 0 || call.buffer == buffer::CONNECT {
         return Ok(());
     }
     let key = conn_key((pid_tgid >> 32) as u32, call.fd);
@@ -161,16 +161,16 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
 #[inline(always)]
 fn user_bytes(call: &InFlight, len: u64) -> (u64, u64) {
     let (ptr, size) = match call.buffer {
-        Buffer::Plain => (call.buf, len),
-        Buffer::Iovec => first_iovec(call.buf),
+        buffer::PLAIN => (call.buf, len),
+        buffer::IOVEC => first_iovec(call.buf),
         // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
-        Buffer::Msghdr => {
+        buffer::MSGHDR => {
             // SAFETY: probe reads fault safely.
             let iov: u64 = unsafe { bpf_probe_read_user((call.buf + 16) as *const u64) }.unwrap_or(0);
             let iovlen: u64 = unsafe { bpf_probe_read_user((call.buf + 24) as *const u64) }.unwrap_or(0);
             if iov == 0 || iovlen == 0 { (0, 0) } else { first_iovec(iov) }
         }
-        Buffer::None | Buffer::Connect => (0, 0),
+        _ => (0, 0),
     };
     if ptr == 0 { (0, 0) } else { (ptr, size.min(len)) }
 }

@@ -1,0 +1,336 @@
+//! Real HTTP servers on free 127.0.0.1 ports, stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::process::{children_of, send_signal, spawn, terminate, ChildGuard, ScriptProcess};
+use crate::util::{free_port, poll_until, port_is_open, TempDir};
+
+/// How long a server may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The real Python 3 executable behind `python3` on PATH (resolving pyenv
+/// shims and symlinks), so the traced pid runs exactly this file.
+pub fn python_interpreter() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        resolve_interpreter("python3", &["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+    })
+}
+
+/// The real node executable behind `node` on PATH.
+pub fn node_interpreter() -> &'static Path {
+    static NODE: OnceLock<PathBuf> = OnceLock::new();
+    NODE.get_or_init(|| {
+        resolve_interpreter("node", &["-e", "console.log(require('fs').realpathSync(process.execPath))"])
+    })
+}
+
+fn resolve_interpreter(program: &str, args: &[&str]) -> PathBuf {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program} to locate its executable: {e}"));
+    assert!(output.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Reads the `READY <port>` line a script server prints once it listens.
+fn wait_for_ready_port(script: &ScriptProcess) -> u16 {
+    let line = script.expect_line(START_TIMEOUT);
+    line.strip_prefix("READY ")
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or_else(|| panic!("expected \"READY <port>\", got {line:?}; stderr:\n{}", script.stderr()))
+}
+
+const PY_SERVER: &str = r#"
+import json
+import sys
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        pass
+
+    def reply(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        parts = url.path.split("/")
+        if len(parts) == 3 and parts[1] == "users" and parts[2]:
+            self.reply(200, {"id": parts[2], "name": "user " + parts[2]})
+        elif url.path == "/error":
+            self.reply(500, {"error": "internal"})
+        elif url.path == "/chain":
+            self.chain(parse_qs(url.query).get("to", [None])[0])
+        else:
+            self.reply(404, {"error": "not found"})
+
+    def chain(self, to):
+        if not to:
+            self.reply(400, {"error": "missing ?to="})
+            return
+        try:
+            with urllib.request.urlopen(to, timeout=10) as response:
+                response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            error.read()
+            status = error.code
+        self.reply(200, {"downstream_status": status})
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        self.reply(200, {"received_bytes": len(body)})
+
+
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+print("READY", server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// A Python `ThreadingHTTPServer` (HTTP/1.1, keep-alive). Routes:
+/// `/users/<id>` 200 JSON, `/error` 500, `/chain?to=<url>` calls `<url>` from
+/// the handling thread then 200, POST echoes the body length, else 404.
+pub struct PyServer {
+    script: ScriptProcess,
+    port: u16,
+}
+
+impl PyServer {
+    /// Starts `python3 <tmp>/<script_name>`, e.g. `backend.py` (service "backend").
+    pub fn start(script_name: &str) -> PyServer {
+        PyServer::start_with_env(script_name, &[])
+    }
+
+    /// Like [`PyServer::start`] with extra environment, e.g. `OTEL_SERVICE_NAME`.
+    pub fn start_with_env(script_name: &str, env: &[(&str, &str)]) -> PyServer {
+        let dir = TempDir::new("pyserver");
+        dir.write(script_name, PY_SERVER);
+        let script = ScriptProcess::spawn(python_interpreter(), dir, script_name, &["0".to_string()], env);
+        let port = wait_for_ready_port(&script);
+        PyServer { script, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.script.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// What the server wrote to stderr (tracebacks).
+    pub fn stderr(&self) -> String {
+        self.script.stderr()
+    }
+}
+
+const NODE_SERVER: &str = r#"
+const http = require('http');
+
+const server = http.createServer((req, res) => {
+  const path = req.url.split('?')[0];
+  if (path === '/hello') {
+    res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': '6' });
+    res.end('hello\n');
+  } else if (path === '/boom') {
+    res.writeHead(500, { 'Content-Type': 'text/plain', 'Content-Length': '5' });
+    res.end('boom\n');
+  } else if (/^\/items\/\d+$/.test(path)) {
+    // No Content-Length: node sends Transfer-Encoding: chunked.
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.write('{"item": ');
+    res.write(JSON.stringify(path.split('/')[2]));
+    res.end('}\n');
+  } else {
+    res.writeHead(404, { 'Content-Type': 'text/plain', 'Content-Length': '10' });
+    res.end('not found\n');
+  }
+});
+
+server.listen(Number(process.argv[2]), '127.0.0.1', () => {
+  console.log('READY ' + server.address().port);
+});
+"#;
+
+/// A node `http.createServer` (`server.js`): `/hello` 200, `/boom` 500,
+/// `/items/<n>` 200 chunked (two writes then end), else 404.
+pub struct NodeServer {
+    script: ScriptProcess,
+    port: u16,
+}
+
+impl NodeServer {
+    pub fn start() -> NodeServer {
+        let dir = TempDir::new("node");
+        dir.write("server.js", NODE_SERVER);
+        let script = ScriptProcess::spawn(node_interpreter(), dir, "server.js", &["0".to_string()], &[]);
+        let port = wait_for_ready_port(&script);
+        NodeServer { script, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.script.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Size of nginx's `/static/file.bin`.
+pub const NGINX_STATIC_FILE_SIZE: usize = 64 * 1024;
+
+/// nginx (master + 1 worker, sendfile on): `/ok` 200 "ok\n",
+/// `/static/file.bin` 64 KiB, `/fail` 503.
+pub struct Nginx {
+    // Field order matters: the master is stopped before the dir is removed.
+    master: ChildGuard,
+    workers: Vec<u32>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Nginx {
+    pub fn start() -> Nginx {
+        let dir = TempDir::new("nginx");
+        let port = free_port();
+        write_nginx_files(&dir, port);
+        let mut command = Command::new("nginx");
+        command
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let master = ChildGuard::new(spawn(&mut command, "nginx"), "nginx master");
+        let mut nginx = Nginx { master, workers: Vec::new(), port, dir };
+        nginx.wait_until_ready();
+        nginx
+    }
+
+    fn wait_until_ready(&mut self) {
+        let master_pid = self.master.pid();
+        let ready = poll_until(START_TIMEOUT, || {
+            if let Some(status) = self.master.try_exit_status() {
+                panic!("nginx exited with {status}; error.log:\n{}", self.dir.read("error.log"));
+            }
+            port_is_open(self.port) && !children_of(master_pid).is_empty()
+        });
+        assert!(ready, "nginx not ready within {START_TIMEOUT:?}; error.log:\n{}", self.dir.read("error.log"));
+        self.workers = children_of(master_pid);
+    }
+
+    /// The master pid followed by the worker pids.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.master.pid()).chain(self.workers.iter().copied()).collect()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// nginx's error log so far.
+    pub fn error_log(&self) -> String {
+        self.dir.read("error.log")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM makes the master stop its workers; kill any it left behind.
+        terminate(self.master.child_mut(), Duration::from_secs(5));
+        for &worker in &self.workers {
+            if is_nginx_process(worker) {
+                send_signal(worker, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn is_nginx_process(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "nginx")
+}
+
+fn write_nginx_files(dir: &TempDir, port: u16) {
+    let static_dir = dir.join("static");
+    std::fs::create_dir(&static_dir).unwrap_or_else(|e| panic!("create {}: {e}", static_dir.display()));
+    let content: Vec<u8> = (0..NGINX_STATIC_FILE_SIZE).map(|i| b'a' + (i % 26) as u8).collect();
+    dir.write("static/file.bin", content);
+    dir.write("nginx.conf", nginx_config(dir.path(), port));
+}
+
+fn nginx_config(dir: &Path, port: u16) -> String {
+    let dir = dir.display();
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+
+events {{
+    worker_connections 64;
+}}
+
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/client_body_temp;
+    proxy_temp_path {dir}/proxy_temp;
+    fastcgi_temp_path {dir}/fastcgi_temp;
+    uwsgi_temp_path {dir}/uwsgi_temp;
+    scgi_temp_path {dir}/scgi_temp;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_timeout 60s;
+
+    server {{
+        listen 127.0.0.1:{port};
+        location = /ok {{
+            default_type text/plain;
+            return 200 "ok\n";
+        }}
+        location /static/ {{
+            alias {dir}/static/;
+        }}
+        location = /fail {{
+            return 503;
+        }}
+    }}
+}}
+"#
+    )
+}
