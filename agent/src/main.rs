@@ -31,6 +31,11 @@ use crate::{
     telemetry::Telemetry,
 };
 
+/// Spans are many small allocations made on one thread and freed on another: mimalloc keeps that
+/// cheap where glibc malloc spent a third of the agent's CPU (measured with perf under wrk).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Batches queued between stages.
 const QUEUE_BATCHES: usize = 256;
 
@@ -75,6 +80,9 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let assemble = tokio::spawn(assemble::run(assembler, events_rx, spans_tx));
     let export = tokio::spawn(export::run(config.export, spans_rx, telemetry.export.clone()));
 
+    // Loading parsed the object file and BTF: hand that memory back before settling down.
+    // SAFETY: mi_collect only returns free memory to the OS.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!("ready: {} tracepoints attached, telemetry on http://{}", probes.hook_count(), config.listen);
 

@@ -115,7 +115,9 @@ impl Probes {
         let offsets = offsets::resolve()?;
         let trace_all = u8::from(matches!(scope, Scope::All));
         let agent_pid = std::process::id();
+        // No CO-RE relocations in our programs: skip aya's parse of the kernel BTF (tens of MiB).
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global(names::OFFSETS, &offsets, true)
             .override_global(names::TRACE_ALL, &trace_all, true)
             .override_global(names::AGENT_PID, &agent_pid, true)

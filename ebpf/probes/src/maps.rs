@@ -14,14 +14,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(limits::TRACED_PIDS, 0);
 
+/// LRU maps keep per-CPU LRU lists: no lock shared between CPUs on the hot path.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// Tracked TCP connections by `conn_key(tgid, fd)`. LRU: a process killed mid-connection cannot leak.
 #[map]
-pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(limits::CONNS, 0);
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(limits::CONNS, BPF_F_NO_COMMON_LRU);
 
 /// Arguments of data/connect syscalls in flight, by pid_tgid, from entry to exit.
 #[map]
 pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
-    LruHashMap::with_max_entries(limits::IN_FLIGHT_SYSCALLS, 0);
+    LruHashMap::with_max_entries(limits::IN_FLIGHT_SYSCALLS, BPF_F_NO_COMMON_LRU);
 
 /// Drop counters (`zerotel_abi::counters`).
 #[map]
