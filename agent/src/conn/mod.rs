@@ -1,10 +1,9 @@
 //! Connection table: per tracked connection, its addresses, role, HTTP/1 decoder and the byte
 //! offsets that reveal lost events.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use rustc_hash::FxHashMap;
 
 use zerotel_abi::{direction, role, DataMeta, Endpoint};
 
@@ -19,6 +18,9 @@ pub struct Connection {
     pub is_server: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Addresses as span attributes show them, formatted once per connection.
+    pub local_ip: String,
+    pub remote_ip: String,
     pub http: Http1Connection,
     /// Next expected byte offset per direction; None until the first event.
     next_seq: [Option<u64>; 2],
@@ -26,7 +28,17 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(pid: u32, fd: u32, conn_role: u8, local: SocketAddr, remote: SocketAddr) -> Self {
-        Self { pid, fd, is_server: conn_role == role::SERVER, local, remote, http: Http1Connection::new(), next_seq: [None; 2] }
+        Self {
+            pid,
+            fd,
+            is_server: conn_role == role::SERVER,
+            local,
+            remote,
+            local_ip: local.ip().to_canonical().to_string(),
+            remote_ip: remote.ip().to_canonical().to_string(),
+            http: Http1Connection::new(),
+            next_seq: [None; 2],
+        }
     }
 
     /// Turn a data event into a decoder segment: which side of the exchange it carries, when its
@@ -46,8 +58,8 @@ impl Connection {
 /// All tracked connections by conn_id, bounded.
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<u64, Connection>,
-    by_pid: HashMap<u32, Vec<u64>>,
+    conns: FxHashMap<u64, Connection>,
+    by_pid: FxHashMap<u32, Vec<u64>>,
 }
 
 impl ConnTable {

@@ -1,6 +1,10 @@
 //! Trace context from request headers: W3C `traceparent`/`tracestate` first, B3 (single and
 //! multi-header) as the fallback. Invalid values are ignored as the W3C spec says; never a panic.
 
+use std::cell::RefCell;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
 use crate::spans::model::{SpanId, TraceId};
 
 /// The parent a SERVER span joins.
@@ -114,23 +118,29 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
+thread_local! {
+    /// Ids must be unique and unpredictable enough to avoid collisions, not secret: a fast
+    /// generator seeded from the OS is what OpenTelemetry SDKs use too.
+    static IDS: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+}
+
 /// Fresh random ids (never all zero).
 pub fn new_trace_id() -> TraceId {
-    loop {
-        let id: TraceId = rand::random();
+    IDS.with_borrow_mut(|rng| loop {
+        let id: TraceId = rng.random();
         if id != [0; 16] {
             return id;
         }
-    }
+    })
 }
 
 pub fn new_span_id() -> SpanId {
-    loop {
-        let id: SpanId = rand::random();
+    IDS.with_borrow_mut(|rng| loop {
+        let id: SpanId = rng.random();
         if id != [0; 8] {
             return id;
         }
-    }
+    })
 }
 
 #[cfg(test)]

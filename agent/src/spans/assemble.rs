@@ -1,7 +1,9 @@
 //! Stage 2: events -> connections -> HTTP exchanges -> spans, with trace context and in-process
 //! parent/child links. Owns discovery, so process state and connection state change together.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
+
+use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
 use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent};
@@ -13,7 +15,7 @@ use crate::{
     discovery::{Discovery, SeededConn},
     protocols::http1::{Output, Outcome, RequestHead, ResponseHead},
     spans::{
-        http::{describe, Exchange},
+        http::{describe, Endpoint, Exchange},
         model::{Span, SpanId, SpanKind, TraceId},
     },
     telemetry::Telemetry,
@@ -47,8 +49,8 @@ const MAX_SERVING_THREADS: usize = 65_536;
 
 pub struct Assembler {
     conns: ConnTable,
-    exchanges: HashMap<(u64, u64), OpenExchange>,
-    serving: HashMap<u32, Serving>,
+    exchanges: FxHashMap<(u64, u64), OpenExchange>,
+    serving: FxHashMap<u32, Serving>,
     discovery: Discovery,
     telemetry: Arc<Telemetry>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall-clock times.
@@ -61,8 +63,8 @@ impl Assembler {
     pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>) -> Self {
         Self {
             conns: ConnTable::default(),
-            exchanges: HashMap::new(),
-            serving: HashMap::new(),
+            exchanges: FxHashMap::default(),
+            serving: FxHashMap::default(),
             discovery,
             telemetry,
             mono_to_unix_ns: mono_to_unix_offset(),
@@ -206,8 +208,14 @@ impl Assembler {
         }
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         let kind = if conn.is_server { SpanKind::Server } else { SpanKind::Client };
-        let (pid, local, remote) = (conn.pid, conn.local, conn.remote);
-        let http = describe(&Exchange { kind, request: &exchange.request, response, local, remote });
+        let pid = conn.pid;
+        let http = describe(&Exchange {
+            kind,
+            request: &exchange.request,
+            response,
+            local: Endpoint { addr: conn.local, ip: &conn.local_ip },
+            remote: Endpoint { addr: conn.remote, ip: &conn.remote_ip },
+        });
         match kind {
             SpanKind::Server => self.telemetry.spans_server.inc(),
             _ => self.telemetry.spans_client.inc(),

@@ -14,8 +14,15 @@ pub struct Exchange<'a> {
     pub request: &'a RequestHead,
     pub response: Option<&'a ResponseHead>,
     /// Our end and the peer's end of the connection.
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint<'a>,
+    pub remote: Endpoint<'a>,
+}
+
+/// A socket address with its IP already formatted (once per connection, not per span).
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub addr: SocketAddr,
+    pub ip: &'a str,
 }
 
 pub struct HttpSpan {
@@ -36,8 +43,8 @@ pub fn describe(x: &Exchange<'_>) -> HttpSpan {
         ("url.path".into(), path.to_owned().into()),
         ("url.scheme".into(), "http".into()),
         ("network.protocol.version".into(), if x.request.version_minor == 0 { "1.0" } else { "1.1" }.into()),
-        ("network.peer.address".into(), x.remote.ip().to_canonical().to_string().into()),
-        ("network.peer.port".into(), AttrValue::Int(x.remote.port().into())),
+        ("network.peer.address".into(), x.remote.ip.to_owned().into()),
+        ("network.peer.port".into(), AttrValue::Int(x.remote.addr.port().into())),
     ];
     if !route.is_empty() {
         attributes.push(("http.route".into(), route.into()));
@@ -45,12 +52,13 @@ pub fn describe(x: &Exchange<'_>) -> HttpSpan {
     if method == "_OTHER" {
         attributes.push(("http.request.method_original".into(), x.request.method.clone().into()));
     }
-    let (server, server_port) = if x.kind == SpanKind::Server { (x.local, x.local.port()) } else { (x.remote, x.remote.port()) };
+    let server = if x.kind == SpanKind::Server { x.local } else { x.remote };
+    let server_port = server.addr.port();
     let host = x.request.host.as_deref().map(host_only).filter(|h| !h.is_empty());
-    let server_address = host.map(str::to_owned).unwrap_or_else(|| server.ip().to_canonical().to_string());
+    let server_address = host.unwrap_or(server.ip).to_owned();
     attributes.push(("server.port".into(), AttrValue::Int(server_port.into())));
     if x.kind == SpanKind::Server {
-        attributes.push(("client.address".into(), x.remote.ip().to_canonical().to_string().into()));
+        attributes.push(("client.address".into(), x.remote.ip.to_owned().into()));
     } else {
         attributes.push(("url.full".into(), format!("http://{server_address}:{server_port}{path}").into()));
     }
@@ -136,6 +144,18 @@ mod tests {
         }
     }
 
+    fn describe_at(kind: SpanKind, request: &RequestHead, response: Option<&ResponseHead>, local: &str, remote: &str) -> HttpSpan {
+        let (local, remote): (SocketAddr, SocketAddr) = (local.parse().unwrap(), remote.parse().unwrap());
+        let (local_ip, remote_ip) = (local.ip().to_canonical().to_string(), remote.ip().to_canonical().to_string());
+        describe(&Exchange {
+            kind,
+            request,
+            response,
+            local: Endpoint { addr: local, ip: &local_ip },
+            remote: Endpoint { addr: remote, ip: &remote_ip },
+        })
+    }
+
     fn attr<'a>(span: &'a HttpSpan, key: &str) -> Option<&'a AttrValue> {
         span.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -156,22 +176,18 @@ mod tests {
         assert_eq!(url_path("http://example.com/a/b?q=1"), "/a/b");
         assert_eq!(url_path("http://example.com"), "/");
         assert_eq!(url_path("/chain?to=http://127.0.0.1:1/users/7"), "/chain");
-        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let remote: SocketAddr = "127.0.0.1:50000".parse().unwrap();
         let request = head("GET", "/users/7?secret=x", Some("localhost:8080"));
         let response = ResponseHead { status: 200, version_minor: 1 };
-        let span = describe(&Exchange { kind: SpanKind::Client, request: &request, response: Some(&response), local, remote: local });
+        let span = describe_at(SpanKind::Client, &request, Some(&response), "127.0.0.1:50000", "127.0.0.1:8080");
         assert!(span.attributes.iter().all(|(_, v)| !format!("{v:?}").contains("secret")));
-        let _ = remote;
     }
 
     #[test]
     fn server_span_attributes_and_status() {
-        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let remote: SocketAddr = "[::ffff:127.0.0.1]:50000".parse().unwrap();
+        let (local, remote) = ("127.0.0.1:8080", "[::ffff:127.0.0.1]:50000");
         let request = head("GET", "/users/42", Some("localhost:8080"));
         let ok = ResponseHead { status: 404, version_minor: 1 };
-        let span = describe(&Exchange { kind: SpanKind::Server, request: &request, response: Some(&ok), local, remote });
+        let span = describe_at(SpanKind::Server, &request, Some(&ok), local, remote);
         assert_eq!(span.name, "GET /users/*");
         assert_eq!(span.status, SpanStatus::Unset, "404 is not a server error");
         assert_eq!(attr(&span, "client.address"), Some(&AttrValue::from("127.0.0.1")));
@@ -179,16 +195,15 @@ mod tests {
         assert_eq!(attr(&span, "server.port"), Some(&AttrValue::Int(8080)));
         assert_eq!(attr(&span, "http.response.status_code"), Some(&AttrValue::Int(404)));
         let failed = ResponseHead { status: 500, version_minor: 1 };
-        let span = describe(&Exchange { kind: SpanKind::Server, request: &request, response: Some(&failed), local, remote });
+        let span = describe_at(SpanKind::Server, &request, Some(&failed), local, remote);
         assert_eq!(span.status, SpanStatus::Error);
     }
 
     #[test]
     fn client_errors_and_odd_methods() {
-        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let request = head("BREW", "/pot", None);
         let response = ResponseHead { status: 418, version_minor: 1 };
-        let span = describe(&Exchange { kind: SpanKind::Client, request: &request, response: Some(&response), local: addr, remote: addr });
+        let span = describe_at(SpanKind::Client, &request, Some(&response), "10.0.0.2:5000", "10.0.0.1:80");
         assert_eq!(span.name, "HTTP /pot");
         assert_eq!(span.status, SpanStatus::Error);
         assert_eq!(attr(&span, "server.address"), Some(&AttrValue::from("10.0.0.1")));
