@@ -49,6 +49,8 @@ pub struct Telemetry {
     pub exchanges_desynchronised: Counter,
     /// Assemble: times an HTTP/1 connection lost sync (gaps, garbage, unframeable messages).
     pub http_desyncs: Counter,
+    /// Assemble: connections not tracked because the table was full.
+    pub connections_untracked: Counter,
     /// Assemble: connections tracked now (gauge).
     pub connections: AtomicU64,
     /// Assemble -> export: spans dropped because the export queue was full.
@@ -96,6 +98,11 @@ impl Telemetry {
             "zerotel_exchanges_desynchronised_total",
             "Exchanges whose bytes were lost or unframeable; no span made.",
             &[("", self.exchanges_desynchronised.get())],
+        );
+        counter(
+            "zerotel_connections_untracked_total",
+            "Connections ignored because the connection table was full.",
+            &[("", self.connections_untracked.get())],
         );
         counter("zerotel_http_desyncs_total", "Times an HTTP/1 connection lost sync.", &[("", self.http_desyncs.get())]);
         counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", self.export.exported.load(Ordering::Relaxed))]);

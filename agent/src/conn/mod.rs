@@ -55,20 +55,28 @@ impl Connection {
     }
 }
 
-/// All tracked connections by conn_id, bounded.
+/// All tracked connections by conn_id, bounded, with an index by process and fd.
 #[derive(Default)]
 pub struct ConnTable {
     conns: FxHashMap<u64, Connection>,
+    by_fd: FxHashMap<(u32, u32), u64>,
     by_pid: FxHashMap<u32, Vec<u64>>,
 }
 
 impl ConnTable {
+    /// The connection that holds `fd` of `pid` now, if any. A new connection on the same fd means
+    /// the old one was closed even if its close event was lost: the caller ends it first.
+    pub fn holding(&self, pid: u32, fd: u32) -> Option<u64> {
+        self.by_fd.get(&(pid, fd)).copied()
+    }
+
     /// Insert; returns false (and inserts nothing) when the table is full.
     pub fn insert(&mut self, conn_id: u64, conn: Connection) -> bool {
         if self.conns.len() >= MAX_CONNS && !self.conns.contains_key(&conn_id) {
             return false;
         }
         self.by_pid.entry(conn.pid).or_default().push(conn_id);
+        self.by_fd.insert((conn.pid, conn.fd), conn_id);
         self.conns.insert(conn_id, conn);
         true
     }
@@ -79,6 +87,9 @@ impl ConnTable {
 
     pub fn remove(&mut self, conn_id: u64) -> Option<Connection> {
         let conn = self.conns.remove(&conn_id)?;
+        if self.by_fd.get(&(conn.pid, conn.fd)) == Some(&conn_id) {
+            self.by_fd.remove(&(conn.pid, conn.fd));
+        }
         if let Some(ids) = self.by_pid.get_mut(&conn.pid) {
             ids.retain(|id| *id != conn_id);
             if ids.is_empty() {
@@ -138,8 +149,10 @@ mod tests {
         let mut table = ConnTable::default();
         table.insert(7, Connection::new(42, 3, role::CLIENT, addr, addr));
         assert_eq!(table.ids_of(42), vec![7]);
+        assert_eq!(table.holding(42, 3), Some(7));
         assert!(table.remove(7).is_some());
         assert!(table.ids_of(42).is_empty());
+        assert_eq!(table.holding(42, 3), None);
         assert_eq!(table.len(), 0);
     }
 

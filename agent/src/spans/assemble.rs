@@ -103,16 +103,25 @@ impl Assembler {
 
     fn adopt(&mut self, seeded: Vec<SeededConn>) {
         for c in seeded {
-            self.conns.insert(c.conn_id, Connection::new(c.pid, c.fd, c.role, c.local, c.remote));
+            self.track(c.conn_id, Connection::new(c.pid, c.fd, c.role, c.local, c.remote), 0);
         }
     }
 
     fn on_open(&mut self, e: &ConnOpenEvent) {
         // Make the resource now: short-lived clients may be gone by the time their span ends.
         self.discovery.resource(e.header.pid);
-        // A reused fd whose close we missed: end the old connection first.
         let conn = Connection::new(e.header.pid, e.fd, e.role, socket_addr(&e.local), socket_addr(&e.remote));
-        self.conns.insert(e.conn_id, conn);
+        self.track(e.conn_id, conn, e.header.ts_ns);
+    }
+
+    fn track(&mut self, conn_id: u64, conn: Connection, ts_ns: u64) {
+        // The fd was reused, so its previous connection closed (its close event was lost).
+        if let Some(previous) = self.conns.holding(conn.pid, conn.fd) {
+            self.close_conn(previous, ts_ns);
+        }
+        if !self.conns.insert(conn_id, conn) {
+            self.telemetry.connections_untracked.inc();
+        }
     }
 
     fn on_data(&mut self, meta: &DataMeta, payload: &[u8]) {

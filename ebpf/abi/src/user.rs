@@ -72,6 +72,14 @@ fn decode_data(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     Ok(Event::Data(meta, payload))
 }
 
+impl ProcessEvent {
+    /// `comm` up to its first NUL.
+    pub fn comm(&self) -> &str {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        core::str::from_utf8(&self.comm[..end]).unwrap_or("")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -116,13 +124,5 @@ mod tests {
         assert_eq!(decode(as_bytes(&header)), Err(DecodeError::UnknownKind(99)));
         let header = EventHeader { kind: kind::CONN_OPEN, ..Default::default() };
         assert!(matches!(decode(as_bytes(&header)), Err(DecodeError::Truncated { .. })));
-    }
-}
-
-impl ProcessEvent {
-    /// `comm` up to its first NUL.
-    pub fn comm(&self) -> &str {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        core::str::from_utf8(&self.comm[..end]).unwrap_or("")
     }
 }

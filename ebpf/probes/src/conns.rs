@@ -107,7 +107,7 @@ fn track(fd: u32, conn_role: u8) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let state = ConnState { conn_id: next_conn_id(), role: conn_role, protocol: protocol::UNKNOWN, ..Default::default() };
-    CONNS.insert(&conn_key(tgid, fd), &state, 0)?;
+    CONNS.insert(conn_key(tgid, fd), state, 0)?;
     let Some(mut entry) = EVENTS.reserve::<ConnOpenEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);
         return Ok(());
@@ -174,7 +174,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: offset from the tracepoint format.
     let fd: u64 = unsafe { ctx.read_at(ENTER_ARG0) }?;
     let call = InFlight { buf: 0, start_ns: 0, fd: fd as u32, direction: 0, buffer: buffer::CONNECT, _pad: [0; 2] };
-    IN_FLIGHT.insert(&pid_tgid, &call, 0)
+    IN_FLIGHT.insert(pid_tgid, call, 0)
 }
 
 /// syscalls/sys_exit_connect: 0, or -EINPROGRESS for a non-blocking socket (ports are bound by then).
@@ -188,8 +188,8 @@ pub fn zt_exit_connect(ctx: TracePointContext) -> u32 {
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: plain-old-data value, copied out before removal.
-    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied().ok_or(0i32)?;
-    IN_FLIGHT.remove(&pid_tgid)?;
+    let call = unsafe { IN_FLIGHT.get(pid_tgid) }.copied().ok_or(0i32)?;
+    IN_FLIGHT.remove(pid_tgid)?;
     if call.buffer != buffer::CONNECT {
         return Ok(());
     }
@@ -219,8 +219,8 @@ fn try_enter_close(ctx: &TracePointContext) -> Result<(), i32> {
     let fd: u64 = unsafe { ctx.read_at(ENTER_ARG0) }?;
     let key = conn_key(tgid, fd as u32);
     // SAFETY: copied out before removal.
-    let state = unsafe { CONNS.get(&key) }.copied().ok_or(0i32)?;
-    CONNS.remove(&key)?;
+    let state = unsafe { CONNS.get(key) }.copied().ok_or(0i32)?;
+    CONNS.remove(key)?;
     let Some(mut entry) = EVENTS.reserve::<ConnCloseEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);
         return Ok(());

@@ -82,5 +82,5 @@ pub fn is_traced(tgid: u32) -> bool {
         return tgid != agent;
     }
     // SAFETY: the value is a plain u8 and only compared against None.
-    unsafe { TRACED_PIDS.get(&tgid).is_some() }
+    unsafe { TRACED_PIDS.get(tgid).is_some() }
 }

@@ -20,12 +20,12 @@ use crate::{
 pub fn zt_sched_fork(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: TRACED_PIDS lookups only compare against None.
-    if unsafe { TRACED_PIDS.get(&tgid) }.is_none() {
+    if unsafe { TRACED_PIDS.get(tgid) }.is_none() {
         return 0;
     }
     // SAFETY: offset from the tracepoint format.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
-        let _ = TRACED_PIDS.insert(&(child as u32), &1, 0);
+        let _ = TRACED_PIDS.insert(child as u32, 1, 0);
     }
     0
 }
@@ -47,13 +47,13 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tid != tgid {
-        let _ = TRACED_PIDS.remove(&tid);
+        let _ = TRACED_PIDS.remove(tid);
         return 0;
     }
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
     if group_dead && is_traced(tgid) {
-        let _ = TRACED_PIDS.remove(&tgid);
+        let _ = TRACED_PIDS.remove(tgid);
         emit(kind::PROCESS_EXIT);
     }
     0

@@ -33,14 +33,14 @@ fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
         return Ok(());
     }
     // SAFETY: plain-old-data value.
-    let conn = unsafe { CONNS.get(&conn_key(tgid, fd)) }.ok_or(0i32)?;
+    let conn = unsafe { CONNS.get(conn_key(tgid, fd)) }.ok_or(0i32)?;
     if conn.protocol == protocol::OTHER {
         return Ok(());
     }
     // SAFETY: helper without arguments.
     let start_ns = unsafe { bpf_ktime_get_ns() };
     let call = InFlight { buf, start_ns, fd, direction: dir, buffer, _pad: [0; 2] };
-    IN_FLIGHT.insert(&pid_tgid, &call, 0)
+    IN_FLIGHT.insert(pid_tgid, call, 0)
 }
 
 #[inline(always)]
@@ -117,15 +117,15 @@ pub fn zt_exit_data(ctx: TracePointContext) -> u32 {
 fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: plain-old-data value, copied out before removal.
-    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }.copied().ok_or(0i32)?;
-    IN_FLIGHT.remove(&pid_tgid)?;
+    let call = unsafe { IN_FLIGHT.get(pid_tgid) }.copied().ok_or(0i32)?;
+    IN_FLIGHT.remove(pid_tgid)?;
     // SAFETY: offset from the sys_exit_* format.
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }?;
     if ret <= 0 || call.buffer == buffer::CONNECT {
         return Ok(());
     }
     let key = conn_key((pid_tgid >> 32) as u32, call.fd);
-    let conn = CONNS.get_ptr_mut(&key).ok_or(0i32)?;
+    let conn = CONNS.get_ptr_mut(key).ok_or(0i32)?;
     // SAFETY: a live map value; concurrent use of one fd by two threads at once only skews counters.
     let conn = unsafe { &mut *conn };
     let len = ret as u64;
