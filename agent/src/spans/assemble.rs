@@ -21,13 +21,44 @@ use crate::{
     telemetry::Telemetry,
 };
 
-/// Ids and timing of an exchange from its request head until it ends.
-struct OpenExchange {
+/// The trace a new span joins, and its parent there.
+struct Lineage {
     trace_id: TraceId,
-    span_id: SpanId,
     parent: Option<SpanId>,
     flags: u8,
     trace_state: String,
+}
+
+impl Lineage {
+    fn root() -> Self {
+        Self { trace_id: context::new_trace_id(), parent: None, flags: context::SAMPLED, trace_state: String::new() }
+    }
+
+    /// A SERVER span continues the caller's trace when the request carries one.
+    fn from_remote(remote: Option<RemoteParent>) -> Self {
+        remote.map_or_else(Self::root, |p| Self {
+            trace_id: p.trace_id,
+            parent: Some(p.span_id),
+            flags: p.flags,
+            trace_state: p.trace_state,
+        })
+    }
+
+    /// A CLIENT span is the child of the request its thread is serving, if any.
+    fn from_serving(serving: Option<Serving>) -> Self {
+        serving.map_or_else(Self::root, |s| Self {
+            trace_id: s.trace_id,
+            parent: Some(s.span_id),
+            flags: s.flags,
+            trace_state: String::new(),
+        })
+    }
+}
+
+/// Ids and timing of an exchange from its request head until it ends.
+struct OpenExchange {
+    lineage: Lineage,
+    span_id: SpanId,
     request: RequestHead,
     start_ns: u64,
     tid: u32,
@@ -190,20 +221,19 @@ impl Assembler {
             return;
         }
         let span_id = context::new_span_id();
-        let exchange = if is_server {
-            let remote = context::extract(&request.context);
-            server_exchange(remote, span_id, request, start_ns, tid)
+        let lineage = if is_server {
+            Lineage::from_remote(context::extract(&request.context))
         } else {
-            client_exchange(self.serving.get(&tid).copied(), span_id, request, start_ns, tid)
+            Lineage::from_serving(self.serving.get(&tid).copied())
         };
         if is_server {
             if self.serving.len() >= MAX_SERVING_THREADS {
                 self.serving.clear();
             }
-            let serving = Serving { conn_id, exchange: id, trace_id: exchange.trace_id, span_id, flags: exchange.flags };
+            let serving = Serving { conn_id, exchange: id, trace_id: lineage.trace_id, span_id, flags: lineage.flags };
             self.serving.insert(tid, serving);
         }
-        self.exchanges.insert((conn_id, id), exchange);
+        self.exchanges.insert((conn_id, id), OpenExchange { lineage, span_id, request, start_ns, tid });
     }
 
     fn end_exchange(&mut self, conn_id: u64, id: u64, response: Option<&ResponseHead>, end_ns: u64, outcome: Outcome) {
@@ -230,11 +260,11 @@ impl Assembler {
             _ => self.telemetry.spans_client.inc(),
         }
         self.spans.push(Span {
-            trace_id: exchange.trace_id,
+            trace_id: exchange.lineage.trace_id,
             span_id: exchange.span_id,
-            parent_span_id: exchange.parent,
-            trace_flags: exchange.flags,
-            trace_state: exchange.trace_state,
+            parent_span_id: exchange.lineage.parent,
+            trace_flags: exchange.lineage.flags,
+            trace_state: exchange.lineage.trace_state,
             kind,
             name: http.name,
             start_unix_ns: self.to_unix(exchange.start_ns),
@@ -247,51 +277,6 @@ impl Assembler {
 
     fn to_unix(&self, mono_ns: u64) -> u64 {
         u64::try_from(i128::from(mono_ns) + self.mono_to_unix_ns).unwrap_or(0)
-    }
-}
-
-fn server_exchange(remote: Option<RemoteParent>, span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
-    match remote {
-        Some(p) => OpenExchange {
-            trace_id: p.trace_id,
-            span_id,
-            parent: Some(p.span_id),
-            flags: p.flags,
-            trace_state: p.trace_state,
-            request,
-            start_ns,
-            tid,
-        },
-        None => root_exchange(span_id, request, start_ns, tid),
-    }
-}
-
-fn client_exchange(serving: Option<Serving>, span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
-    match serving {
-        Some(s) => OpenExchange {
-            trace_id: s.trace_id,
-            span_id,
-            parent: Some(s.span_id),
-            flags: s.flags,
-            trace_state: String::new(),
-            request,
-            start_ns,
-            tid,
-        },
-        None => root_exchange(span_id, request, start_ns, tid),
-    }
-}
-
-fn root_exchange(span_id: SpanId, request: RequestHead, start_ns: u64, tid: u32) -> OpenExchange {
-    OpenExchange {
-        trace_id: context::new_trace_id(),
-        span_id,
-        parent: None,
-        flags: context::SAMPLED,
-        trace_state: String::new(),
-        request,
-        start_ns,
-        tid,
     }
 }
 

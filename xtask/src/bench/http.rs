@@ -1,11 +1,20 @@
-//! `bench http`: nginx answering HTTP/1.1 keep-alive requests under wrk, without and with the
-//! agent tracing nginx (exporting OTLP/HTTP to a local sink).
+//! `bench http`: nginx answering HTTP/1.1 keep-alive requests, without and with the agent
+//! tracing nginx (exporting OTLP/HTTP to a local sink), under two loads:
+//! - saturation: wrk as fast as it goes. On a small machine every cycle the agent spends is
+//!   taken from nginx, so the throughput ratio mostly prices the agent's CPU;
+//! - fixed rate: the open-loop client in `rate` offering --rate req/s, the load a user sees,
+//!   where latency, lost events and the agent's share of a core are what matter.
 
-use std::{path::Path, thread, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{
     agent::{self, Agent},
@@ -13,11 +22,17 @@ use super::{
     median,
     nginx::Nginx,
     proc::TempDir,
+    rate::{self, RateLoad, RateResult},
     sink::Sink,
     wrk::{self, Load, WrkResult},
-    Ctx, Report, Scenario,
+    BenchArgs, Ctx, Report, Scenario,
 };
 use crate::{signals, util::find_cmd};
+
+// What the issue asks of the agent; the report says whether each is met.
+const TARGET_SATURATION_RATIO: f64 = 0.97;
+const TARGET_PEAK_RSS_MIB: f64 = 40.0;
+const TARGET_KERNEL_NS_PER_REQ: f64 = 500.0;
 
 pub struct Http;
 
@@ -37,54 +52,105 @@ impl Scenario for Http {
             "bench http: nginx master {} workers {:?} on {url}",
             nginx.master, nginx.workers
         );
-        let load = |duration_s| Load {
+        let saturate = |duration_s| Load {
             threads: a.threads,
             connections: a.connections,
             duration_s,
             url: &url,
         };
+        let fixed_rate = RateLoad {
+            addr: SocketAddr::from(([127, 0, 0, 1], nginx.port)),
+            path: &a.path,
+            rate: a.rate,
+            connections: a.connections,
+            duration_s: a.rate_duration(),
+        };
         if a.warmup > 0 {
-            wrk::run(&wrk_bin, &load(a.warmup)).context("warm-up load failed")?;
+            wrk::run(&wrk_bin, &saturate(a.warmup)).context("warm-up load failed")?;
         }
         let tracer = match ctx.agent {
-            Some(exe) => Some(Tracer::new(exe, &nginx, &a.agent_args)?),
+            Some(exe) => Some(Tracer::new(exe, &nginx, &a.agent_args, tmp.path().into())?),
             None => None,
         };
-        let mut rounds = Vec::new();
+        let tracer = tracer.as_ref();
+        let (mut saturation, mut rated) = (Vec::new(), Vec::new());
         for i in 1..=a.rounds {
             for traced in [false, true] {
-                signals::check()?;
-                let round = match (&tracer, traced) {
-                    (_, false) => untraced_round(i, &wrk_bin, &load(a.duration))?,
-                    (Some(t), true) => t.round(i, &wrk_bin, &load(a.duration), tmp.path())?,
-                    (None, true) => continue,
-                };
-                eprintln!("bench http: {}", round.summary());
-                rounds.push(round);
+                let load = || wrk::run(&wrk_bin, &saturate(a.duration));
+                saturation.extend(round(tracer, traced, i, "saturation", load)?);
+            }
+            for traced in [false, true] {
+                let load = || rate::run(&fixed_rate);
+                rated.extend(round(tracer, traced, i, "rate", load)?);
             }
         }
-        Ok(report(ctx, &rounds))
+        Ok(report(ctx, &saturation, &rated))
+    }
+}
+
+/// What the report reads from either load generator.
+trait LoadStats: Serialize {
+    fn requests_per_s(&self) -> f64;
+    fn requests(&self) -> u64;
+    fn p50_us(&self) -> f64;
+    fn p99_us(&self) -> f64;
+    fn errors(&self) -> u64;
+}
+
+impl LoadStats for WrkResult {
+    fn requests_per_s(&self) -> f64 {
+        self.requests_per_s
+    }
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+    fn p50_us(&self) -> f64 {
+        self.p50_us
+    }
+    fn p99_us(&self) -> f64 {
+        self.p99_us
+    }
+    fn errors(&self) -> u64 {
+        self.socket_errors + self.non_2xx
+    }
+}
+
+impl LoadStats for RateResult {
+    fn requests_per_s(&self) -> f64 {
+        self.requests_per_s
+    }
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+    fn p50_us(&self) -> f64 {
+        self.p50_us
+    }
+    fn p99_us(&self) -> f64 {
+        self.p99_us
+    }
+    fn errors(&self) -> u64 {
+        self.errors
     }
 }
 
 #[derive(Serialize)]
-struct Round {
+struct Round<L> {
     round: usize,
     mode: &'static str,
     #[serde(flatten)]
-    wrk: WrkResult,
+    load: L,
     agent: Option<AgentRound>,
 }
 
-impl Round {
+impl<L: LoadStats> Round<L> {
     fn summary(&self) -> String {
         format!(
             "round {} {}: {:.0} req/s, p50 {}, p99 {}",
             self.round,
             self.mode,
-            self.wrk.requests_per_s,
-            fmt_us(self.wrk.p50_us),
-            fmt_us(self.wrk.p99_us)
+            self.load.requests_per_s(),
+            fmt_us(self.load.p50_us()),
+            fmt_us(self.load.p99_us())
         )
     }
 }
@@ -94,6 +160,10 @@ struct AgentRound {
     /// CPU used by the agent process during the load.
     cpu_s: f64,
     cpu_s_per_mreq: f64,
+    /// cpu_s over the load's wall time, in % of one core.
+    cpu_pct_of_core: f64,
+    /// Wall time of the load, over which cpu_s and the kernel counters were taken.
+    load_s: f64,
     /// Including start-up (BTF, program loading) and the post-load flush.
     cpu_s_total: f64,
     peak_rss_mib: f64,
@@ -109,14 +179,27 @@ struct AgentRound {
     programs: Vec<ProgStat>,
 }
 
-fn untraced_round(i: usize, wrk_bin: &Path, load: &Load) -> Result<Round> {
-    let wrk = wrk::run(wrk_bin, load)?;
-    Ok(Round {
-        round: i,
-        mode: "untraced",
-        wrk,
-        agent: None,
-    })
+/// One round of `load`, traced or not; None when traced rounds are off (--untraced-only).
+fn round<L: LoadStats>(
+    tracer: Option<&Tracer>,
+    traced: bool,
+    i: usize,
+    kind: &str,
+    load: impl FnOnce() -> Result<L>,
+) -> Result<Option<Round<L>>> {
+    signals::check()?;
+    let round = match (tracer, traced) {
+        (_, false) => Round {
+            round: i,
+            mode: "untraced",
+            load: load()?,
+            agent: None,
+        },
+        (Some(t), true) => t.round(i, kind, load)?,
+        (None, true) => return Ok(None),
+    };
+    eprintln!("bench http: {kind} {}", round.summary());
+    Ok(Some(round))
 }
 
 /// What the traced rounds share: the OTLP sink and kernel BPF stats (on for the whole bench).
@@ -124,122 +207,171 @@ struct Tracer<'a> {
     exe: &'a Path,
     pids: Vec<u32>,
     extra_args: &'a [String],
+    log_dir: PathBuf,
     sink: Sink,
     _stats: StatsEnabled,
 }
 
+/// Agent readings taken after the load.
+struct AfterLoad {
+    metrics: String,
+    peak_rss_mib: f64,
+    cpu_s_total: f64,
+    clean_exit: bool,
+}
+
 impl<'a> Tracer<'a> {
-    fn new(exe: &'a Path, nginx: &Nginx, extra_args: &'a [String]) -> Result<Self> {
+    fn new(
+        exe: &'a Path,
+        nginx: &Nginx,
+        extra_args: &'a [String],
+        log_dir: PathBuf,
+    ) -> Result<Self> {
         Ok(Self {
             exe,
             pids: nginx.pids(),
             extra_args,
+            log_dir,
             sink: Sink::start()?,
             _stats: StatsEnabled::enable()?,
         })
     }
 
-    fn round(&self, i: usize, wrk_bin: &Path, load: &Load, tmp: &Path) -> Result<Round> {
+    fn round<L: LoadStats>(
+        &self,
+        i: usize,
+        kind: &str,
+        load: impl FnOnce() -> Result<L>,
+    ) -> Result<Round<L>> {
         let endpoint = self.sink.endpoint();
         let mut agent = Agent::start(agent::Spec {
             exe: self.exe,
             pids: &self.pids,
             otlp_endpoint: &endpoint,
             extra_args: self.extra_args,
-            log: tmp.join(format!("agent-{i}.log")),
+            log: self.log_dir.join(format!("agent-{kind}-{i}.log")),
         })?;
         let (cpu0, progs0) = (
             agent.cpu_seconds()?,
             bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
         );
         let (posts0, bytes0) = self.sink.totals();
-        let wrk = wrk::run(wrk_bin, load)?;
+        let started = Instant::now();
+        let result = load()?;
+        let load_s = started.elapsed().as_secs_f64();
         let (cpu1, progs1) = (
             agent.cpu_seconds()?,
             bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
         );
-        // Give the agent a moment to turn the last events into spans before reading counters.
-        thread::sleep(Duration::from_secs(1));
-        let metrics = agent.metrics().unwrap_or_else(|e| {
-            eprintln!("bench http: warning: {e:#}");
-            String::new()
-        });
-        let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
-        let clean_exit = agent.stop();
-        if !clean_exit {
-            eprintln!(
-                "bench http: warning: the agent did not exit cleanly; see {}",
-                agent.log.display()
-            );
-        }
+        let after = after_load(&mut agent)?;
         let (posts1, bytes1) = self.sink.totals();
         let programs = bpf_stats::delta(&progs0, &progs1);
-        let requests = requests_of(&wrk, load.duration_s);
+        let requests = requests_of(&result, load_s);
         let kernel_run_ns: u64 = programs.iter().map(|p| p.run_ns).sum();
         let kernel_runs: u64 = programs.iter().map(|p| p.runs).sum();
+        let cpu_s = cpu1 - cpu0;
         let agent = AgentRound {
-            cpu_s: cpu1 - cpu0,
-            cpu_s_per_mreq: (cpu1 - cpu0) / requests * 1e6,
-            cpu_s_total,
-            peak_rss_mib,
-            spans: agent::metric_sum(&metrics, "zerotel_spans_total"),
-            events_lost: agent::metric_sum(&metrics, "zerotel_events_lost_total"),
+            cpu_s,
+            cpu_s_per_mreq: cpu_s / requests * 1e6,
+            cpu_pct_of_core: cpu_s / load_s.max(1e-3) * 100.0,
+            load_s,
+            cpu_s_total: after.cpu_s_total,
+            peak_rss_mib: after.peak_rss_mib,
+            spans: agent::metric_sum(&after.metrics, "zerotel_spans_total"),
+            events_lost: agent::metric_sum(&after.metrics, "zerotel_events_lost_total"),
             kernel_run_ns,
             kernel_runs,
             kernel_ns_per_req: kernel_run_ns as f64 / requests,
             kernel_ns_per_run: kernel_run_ns as f64 / kernel_runs.max(1) as f64,
             otlp_posts: posts1 - posts0,
             otlp_bytes: bytes1 - bytes0,
-            clean_exit,
+            clean_exit: after.clean_exit,
             programs,
         };
         Ok(Round {
             round: i,
             mode: "traced",
-            wrk,
+            load: result,
             agent: Some(agent),
         })
     }
 }
 
-/// Completed requests: wrk's count, else rate x duration.
-fn requests_of(wrk: &WrkResult, duration_s: u64) -> f64 {
-    let n = if wrk.requests > 0 {
-        wrk.requests as f64
+/// Reads the agent's counters once it has caught up, then stops it.
+fn after_load(agent: &mut Agent) -> Result<AfterLoad> {
+    // Give the agent a moment to turn the last events into spans before reading counters.
+    thread::sleep(Duration::from_secs(1));
+    let metrics = agent.metrics().unwrap_or_else(|e| {
+        eprintln!("bench http: warning: {e:#}");
+        String::new()
+    });
+    let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
+    let clean_exit = agent.stop();
+    if !clean_exit {
+        eprintln!(
+            "bench http: warning: the agent did not exit cleanly; see {}",
+            agent.log.display()
+        );
+    }
+    Ok(AfterLoad {
+        metrics,
+        peak_rss_mib,
+        cpu_s_total,
+        clean_exit,
+    })
+}
+
+/// Completed requests: the load generator's count, else rate x wall time.
+fn requests_of(load: &impl LoadStats, load_s: f64) -> f64 {
+    let n = if load.requests() > 0 {
+        load.requests() as f64
     } else {
-        wrk.requests_per_s * duration_s as f64
+        load.requests_per_s() * load_s
     };
     n.max(1.0)
 }
 
 // ---- report ----
 
-fn med(rounds: &[Round], mode: &str, f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
+fn rps<L: LoadStats>(r: &Round<L>) -> Option<f64> {
+    Some(r.load.requests_per_s())
+}
+
+fn p50<L: LoadStats>(r: &Round<L>) -> Option<f64> {
+    Some(r.load.p50_us())
+}
+
+fn p99<L: LoadStats>(r: &Round<L>) -> Option<f64> {
+    Some(r.load.p99_us())
+}
+
+fn med<L>(rounds: &[Round<L>], mode: &str, f: impl Fn(&Round<L>) -> Option<f64>) -> Option<f64> {
     median(rounds.iter().filter(|r| r.mode == mode).filter_map(f))
 }
 
-fn med_agent(rounds: &[Round], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    med(rounds, "traced", |r| r.agent.as_ref().and_then(&f))
+fn agent_values<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|r| r.agent.as_ref().and_then(&f))
+        .collect()
 }
 
-fn ratio(rounds: &[Round], f: impl Fn(&Round) -> Option<f64> + Copy) -> Option<f64> {
+fn med_agent<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
+    median(agent_values(rounds, f))
+}
+
+/// The worst round, for targets that every round must meet.
+fn max_agent<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
+    agent_values(rounds, f).into_iter().reduce(f64::max)
+}
+
+fn ratio<L>(rounds: &[Round<L>], f: impl Fn(&Round<L>) -> Option<f64> + Copy) -> Option<f64> {
     Some(med(rounds, "traced", f)? / med(rounds, "untraced", f)?)
 }
 
-fn report(ctx: &Ctx, rounds: &[Round]) -> Report {
+fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Report {
     let a = ctx.args;
-    let rps = |r: &Round| Some(r.wrk.requests_per_s);
-    let p50 = |r: &Round| Some(r.wrk.p50_us);
-    let p99 = |r: &Round| Some(r.wrk.p99_us);
-    let mode_medians = |mode| json!({"requests_per_s": med(rounds, mode, rps), "p50_us": med(rounds, mode, p50), "p99_us": med(rounds, mode, p99)});
-    let agent_medians = json!({
-        "cpu_s_per_mreq": med_agent(rounds, |g| Some(g.cpu_s_per_mreq)),
-        "peak_rss_mib": med_agent(rounds, |g| Some(g.peak_rss_mib)),
-        "events_lost": med_agent(rounds, |g| g.events_lost),
-        "spans": med_agent(rounds, |g| g.spans),
-        "kernel_ns_per_req": med_agent(rounds, |g| Some(g.kernel_ns_per_req)),
-        "kernel_ns_per_run": med_agent(rounds, |g| Some(g.kernel_ns_per_run)),
-    });
+    let targets = targets(saturation, rated);
     let json = json!({
         "scenario": "http",
         "config": {
@@ -247,83 +379,146 @@ fn report(ctx: &Ctx, rounds: &[Round]) -> Report {
             "threads": a.threads, "warmup_s": a.warmup, "path": a.path,
             "untraced_only": ctx.agent.is_none(), "agent_args": a.agent_args,
         },
-        "rounds": rounds,
-        "medians": { "untraced": mode_medians("untraced"), "traced": mode_medians("traced"), "agent": agent_medians },
-        "ratios_traced_over_untraced": {
-            "requests_per_s": ratio(rounds, rps), "p50": ratio(rounds, p50), "p99": ratio(rounds, p99),
+        "rounds": saturation,
+        "medians": medians_json(saturation),
+        "ratios_traced_over_untraced": ratios_json(saturation),
+        "rate": {
+            "config": {
+                "rate_per_s": a.rate, "duration_s": a.rate_duration(), "connections": a.connections,
+            },
+            "rounds": rated,
+            "medians": medians_json(rated),
+            "ratios_traced_over_untraced": ratios_json(rated),
         },
+        "targets": targets,
     });
-    Report {
-        markdown: markdown(a, rounds),
-        json,
-    }
+    let markdown = [
+        saturation_markdown(a, saturation),
+        rate_markdown(a, rated),
+        targets_markdown(&targets),
+    ]
+    .concat();
+    Report { markdown, json }
 }
 
-fn markdown(a: &super::BenchArgs, rounds: &[Round]) -> String {
+fn medians_json<L: LoadStats>(rounds: &[Round<L>]) -> Value {
+    let mode_medians = |mode| {
+        json!({
+            "requests_per_s": med(rounds, mode, rps),
+            "p50_us": med(rounds, mode, p50),
+            "p99_us": med(rounds, mode, p99),
+        })
+    };
+    let agent = json!({
+        "cpu_s_per_mreq": med_agent(rounds, |g| Some(g.cpu_s_per_mreq)),
+        "cpu_pct_of_core": med_agent(rounds, |g| Some(g.cpu_pct_of_core)),
+        "peak_rss_mib": med_agent(rounds, |g| Some(g.peak_rss_mib)),
+        "events_lost": med_agent(rounds, |g| g.events_lost),
+        "spans": med_agent(rounds, |g| g.spans),
+        "kernel_ns_per_req": med_agent(rounds, |g| Some(g.kernel_ns_per_req)),
+        "kernel_ns_per_run": med_agent(rounds, |g| Some(g.kernel_ns_per_run)),
+    });
+    json!({ "untraced": mode_medians("untraced"), "traced": mode_medians("traced"), "agent": agent })
+}
+
+fn ratios_json<L: LoadStats>(rounds: &[Round<L>]) -> Value {
+    json!({
+        "requests_per_s": ratio(rounds, rps), "p50": ratio(rounds, p50), "p99": ratio(rounds, p99),
+    })
+}
+
+fn saturation_markdown(a: &BenchArgs, rounds: &[Round<WrkResult>]) -> String {
+    format!(
+        "## bench http: nginx `GET {}` under `wrk -t{} -c{} -d{}s`, {} rounds per mode\n\n{}{}",
+        a.path,
+        a.threads,
+        a.connections,
+        a.duration,
+        a.rounds,
+        table(rounds),
+        summary(rounds)
+    )
+}
+
+fn rate_markdown(a: &BenchArgs, rounds: &[Round<RateResult>]) -> String {
     let mut md = format!(
-        "## bench http: nginx `GET {}` under `wrk -t{} -c{} -d{}s`, {} rounds per mode\n\n",
-        a.path, a.threads, a.connections, a.duration, a.rounds
+        "\n## bench http, fixed rate: nginx `GET {}` offered {} req/s over {} keep-alive connections for {} s, {} rounds per mode\n\n\
+         Open loop: latency counts from each request's scheduled send time.\n\n{}{}",
+        a.path,
+        a.rate,
+        a.connections,
+        a.rate_duration(),
+        a.rounds,
+        table(rounds),
+        summary(rounds)
     );
-    md += "| round | mode | req/s | p50 | p99 | errors | agent CPU s | CPU s / Mreq | peak RSS MiB | spans | lost | kernel ns/req | ns/run |\n";
-    md += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for r in rounds {
-        let g = r.agent.as_ref();
-        let w = &r.wrk;
-        md += &format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.round,
-            r.mode,
-            w.requests_per_s,
-            fmt_us(w.p50_us),
-            fmt_us(w.p99_us),
-            w.socket_errors + w.non_2xx,
-            num(g.map(|g| g.cpu_s), 2),
-            num(g.map(|g| g.cpu_s_per_mreq), 2),
-            num(g.map(|g| g.peak_rss_mib), 1),
-            num(g.and_then(|g| g.spans), 0),
-            num(g.and_then(|g| g.events_lost), 0),
-            num(g.map(|g| g.kernel_ns_per_req), 0),
-            num(g.map(|g| g.kernel_ns_per_run), 0),
-        );
+    // Below the offered rate the rounds measure saturation again, not a realistic load.
+    if med(rounds, "untraced", rps).is_some_and(|r| r < 0.95 * f64::from(a.rate)) {
+        md += "note: untraced rounds did not reach the offered rate: the machine is saturated at this --rate\n";
     }
-    for mode in ["untraced", "traced"] {
-        let m = |f: fn(&Round) -> Option<f64>| med(rounds, mode, f);
-        let ma = |f: fn(&AgentRound) -> Option<f64>| {
-            if mode == "traced" {
-                med_agent(rounds, f)
-            } else {
-                None
-            }
-        };
-        md += &format!(
-            "| **median** | {mode} | {} | {} | {} | | | {} | {} | {} | {} | {} | {} |\n",
-            num(m(|r| Some(r.wrk.requests_per_s)), 0),
-            m(|r| Some(r.wrk.p50_us)).map_or("n/a".into(), fmt_us),
-            m(|r| Some(r.wrk.p99_us)).map_or("n/a".into(), fmt_us),
-            num(ma(|g| Some(g.cpu_s_per_mreq)), 2),
-            num(ma(|g| Some(g.peak_rss_mib)), 1),
-            num(ma(|g| g.spans), 0),
-            num(ma(|g| g.events_lost), 0),
-            num(ma(|g| Some(g.kernel_ns_per_req)), 0),
-            num(ma(|g| Some(g.kernel_ns_per_run)), 0),
-        );
-    }
-    md += &summary(rounds);
     md
 }
 
-fn summary(rounds: &[Round]) -> String {
+fn table<L: LoadStats>(rounds: &[Round<L>]) -> String {
+    let mut md = String::from(
+        "| round | mode | req/s | p50 | p99 | errors | agent CPU s | CPU % of core | CPU s / Mreq | peak RSS MiB | spans | lost | kernel ns/req | ns/run |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rounds {
+        let g = r.agent.as_ref();
+        md += &format!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} |\n",
+            r.round,
+            r.mode,
+            r.load.requests_per_s(),
+            fmt_us(r.load.p50_us()),
+            fmt_us(r.load.p99_us()),
+            r.load.errors(),
+            agent_cells(|f| g.and_then(f)),
+        );
+    }
+    for mode in ["untraced", "traced"] {
+        let traced = mode == "traced";
+        md += &format!(
+            "| **median** | {mode} | {} | {} | {} | {} | {} |\n",
+            num(med(rounds, mode, rps), 0),
+            med(rounds, mode, p50).map_or("n/a".into(), fmt_us),
+            med(rounds, mode, p99).map_or("n/a".into(), fmt_us),
+            num(med(rounds, mode, |r| Some(r.load.errors() as f64)), 0),
+            agent_cells(|f| med_agent(rounds, f).filter(|_| traced)),
+        );
+    }
+    md
+}
+
+/// The agent columns of a table row; `value` reads one field (None: n/a).
+fn agent_cells(value: impl Fn(fn(&AgentRound) -> Option<f64>) -> Option<f64>) -> String {
+    [
+        num(value(|g| Some(g.cpu_s)), 2),
+        num(value(|g| Some(g.cpu_pct_of_core)), 1),
+        num(value(|g| Some(g.cpu_s_per_mreq)), 2),
+        num(value(|g| Some(g.peak_rss_mib)), 1),
+        num(value(|g| g.spans), 0),
+        num(value(|g| g.events_lost), 0),
+        num(value(|g| Some(g.kernel_ns_per_req)), 0),
+        num(value(|g| Some(g.kernel_ns_per_run)), 0),
+    ]
+    .join(" | ")
+}
+
+fn summary<L: LoadStats>(rounds: &[Round<L>]) -> String {
     let x = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("x{v:.3}"));
     let mut s = format!(
         "\ntraced / untraced (medians): req/s {}, p50 {}, p99 {}\n",
-        x(ratio(rounds, |r| Some(r.wrk.requests_per_s))),
-        x(ratio(rounds, |r| Some(r.wrk.p50_us))),
-        x(ratio(rounds, |r| Some(r.wrk.p99_us))),
+        x(ratio(rounds, rps)),
+        x(ratio(rounds, p50)),
+        x(ratio(rounds, p99)),
     );
     if rounds.iter().any(|r| r.agent.is_some()) {
         s += &format!(
-            "agent (medians): {} CPU s per million requests, peak RSS {} MiB, {} events lost, {} spans, kernel {} ns/request ({} ns/program run)\n",
+            "agent (medians): {} CPU s per million requests ({} % of one core), peak RSS {} MiB, {} events lost, {} spans, kernel {} ns/request ({} ns/program run)\n",
             num(med_agent(rounds, |g| Some(g.cpu_s_per_mreq)), 2),
+            num(med_agent(rounds, |g| Some(g.cpu_pct_of_core)), 1),
             num(med_agent(rounds, |g| Some(g.peak_rss_mib)), 1),
             num(med_agent(rounds, |g| g.events_lost), 0),
             num(med_agent(rounds, |g| g.spans), 0),
@@ -336,6 +531,115 @@ fn summary(rounds: &[Round]) -> String {
     s
 }
 
+// ---- targets ----
+
+#[derive(Serialize, Clone, Copy)]
+enum Cmp {
+    #[serde(rename = ">=")]
+    AtLeast,
+    #[serde(rename = "<=")]
+    AtMost,
+    #[serde(rename = "==")]
+    Equals,
+}
+
+impl Cmp {
+    fn holds(self, value: f64, limit: f64) -> bool {
+        match self {
+            Cmp::AtLeast => value >= limit,
+            Cmp::AtMost => value <= limit,
+            Cmp::Equals => value == limit,
+        }
+    }
+
+    fn symbol(self) -> &'static str {
+        match self {
+            Cmp::AtLeast => ">=",
+            Cmp::AtMost => "<=",
+            Cmp::Equals => "==",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Target {
+    what: &'static str,
+    value: Option<f64>,
+    cmp: Cmp,
+    limit: f64,
+    /// None when the value is unknown (no traced rounds, metric not exported).
+    met: Option<bool>,
+    #[serde(skip)]
+    decimals: usize,
+}
+
+impl Target {
+    fn new(what: &'static str, value: Option<f64>, cmp: Cmp, limit: f64, decimals: usize) -> Self {
+        Self {
+            what,
+            value,
+            cmp,
+            limit,
+            met: value.map(|v| cmp.holds(v, limit)),
+            decimals,
+        }
+    }
+}
+
+fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Vec<Target> {
+    vec![
+        Target::new(
+            "saturation req/s traced/untraced (median)",
+            ratio(saturation, rps),
+            Cmp::AtLeast,
+            TARGET_SATURATION_RATIO,
+            3,
+        ),
+        Target::new(
+            "rate-mode lost events (worst round)",
+            max_agent(rated, |g| g.events_lost),
+            Cmp::Equals,
+            0.0,
+            0,
+        ),
+        Target::new(
+            "rate-mode agent peak RSS MiB (worst round)",
+            max_agent(rated, |g| Some(g.peak_rss_mib)),
+            Cmp::AtMost,
+            TARGET_PEAK_RSS_MIB,
+            1,
+        ),
+        Target::new(
+            "rate-mode kernel ns/request (median)",
+            med_agent(rated, |g| Some(g.kernel_ns_per_req)),
+            Cmp::AtMost,
+            TARGET_KERNEL_NS_PER_REQ,
+            0,
+        ),
+    ]
+}
+
+fn targets_markdown(targets: &[Target]) -> String {
+    let items: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "n/a",
+            };
+            format!(
+                "{} {} {} {}: {verdict}",
+                t.what,
+                num(t.value, t.decimals),
+                t.cmp.symbol(),
+                t.limit
+            )
+        })
+        .collect();
+    format!("\ntargets: {}\n", items.join("; "))
+}
+
 fn num(v: Option<f64>, decimals: usize) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
 }
@@ -345,5 +649,25 @@ fn fmt_us(us: f64) -> String {
         format!("{:.2}ms", us / 1000.0)
     } else {
         format!("{us:.0}us")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_targets() {
+        assert_eq!(
+            Target::new("x", Some(0.98), Cmp::AtLeast, 0.97, 2).met,
+            Some(true)
+        );
+        assert_eq!(
+            Target::new("x", Some(1.0), Cmp::Equals, 0.0, 0).met,
+            Some(false)
+        );
+        assert_eq!(Target::new("x", None, Cmp::AtMost, 40.0, 1).met, None);
+        let md = targets_markdown(&[Target::new("rss", Some(12.34), Cmp::AtMost, 40.0, 1)]);
+        assert_eq!(md, "\ntargets: rss 12.3 <= 40: met\n");
     }
 }

@@ -1,5 +1,5 @@
-//! Just enough HTTP/1.1 for the OTLP sink and for polling the agent's /healthz and /metrics,
-//! so xtask needs neither an HTTP stack nor curl.
+//! Just enough HTTP/1.1 for the OTLP sink, the fixed-rate load client and for polling the
+//! agent's /healthz and /metrics, so xtask needs neither an HTTP stack nor curl.
 
 use std::{
     io::{BufRead, BufReader, Read, Write as _},
@@ -21,6 +21,11 @@ impl Head {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The status code of a response head.
+    pub fn status(&self) -> Option<u16> {
+        self.start.split_whitespace().nth(1)?.parse().ok()
     }
 }
 
@@ -103,10 +108,7 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Stri
     let mut r = BufReader::new(s);
     let head = read_head(&mut r)?.context("empty response")?;
     let status = head
-        .start
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+        .status()
         .with_context(|| format!("bad status line {:?}", head.start))?;
     let body = read_body(&mut r, &head, true)?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))

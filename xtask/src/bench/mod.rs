@@ -7,6 +7,7 @@ mod http;
 mod http1;
 mod nginx;
 mod proc;
+mod rate;
 mod sink;
 mod wrk;
 
@@ -25,13 +26,14 @@ use crate::{cargo_cmd, setup, signals, util};
 pub struct BenchArgs {
     /// Scenarios to run (all when none given). Available: http.
     pub names: Vec<String>,
-    /// Rounds per mode; modes alternate untraced, traced, untraced, ...
+    /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
+    /// fixed rate).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Load duration of each round, seconds.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Concurrent connections (wrk -c).
+    /// Concurrent connections (wrk -c; also the fixed-rate rounds' keep-alive connections).
     #[arg(long, default_value_t = 50)]
     pub connections: u32,
     /// Load generator threads (wrk -t).
@@ -40,6 +42,12 @@ pub struct BenchArgs {
     /// Unreported warm-up load before the first round, seconds (0: none).
     #[arg(long, default_value_t = 2)]
     pub warmup: u64,
+    /// Offered load of the fixed-rate rounds, total requests per second over --connections.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u32,
+    /// Duration of each fixed-rate round, seconds [default: --duration].
+    #[arg(long, value_name = "SECS")]
+    pub rate_duration: Option<u64>,
     /// Request path (`/` answers from nginx config, `/static/1k.bin` serves a 1 KiB file).
     #[arg(long, default_value = "/")]
     pub path: String,
@@ -135,6 +143,9 @@ fn check_args(a: &BenchArgs) -> Result<()> {
     if a.rounds == 0 || a.duration == 0 {
         bail!("--rounds and --duration must be at least 1");
     }
+    if a.rate == 0 || a.rate_duration == Some(0) {
+        bail!("--rate and --rate-duration must be at least 1");
+    }
     if a.threads == 0 || a.connections < a.threads {
         bail!("wrk needs --connections >= --threads >= 1");
     }
@@ -142,6 +153,12 @@ fn check_args(a: &BenchArgs) -> Result<()> {
         bail!("--path must start with /");
     }
     Ok(())
+}
+
+impl BenchArgs {
+    pub fn rate_duration(&self) -> u64 {
+        self.rate_duration.unwrap_or(self.duration)
+    }
 }
 
 fn write_report(dir: &Path, name: &str, machine: &Machine, report: Report) -> Result<()> {

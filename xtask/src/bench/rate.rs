@@ -1,0 +1,215 @@
+//! An open-loop HTTP/1.1 client for the fixed-rate rounds: `connections` keep-alive
+//! connections, one thread each, send GETs on a fixed schedule totalling `rate` req/s.
+//! Latency counts from each request's scheduled send time, so a stalled server shows up as
+//! latency instead of silently lowering the offered load (wrk's coordinated omission).
+
+use std::{
+    io::{BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+
+use super::http1;
+use crate::signals;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lets every thread start before the first scheduled request.
+const START_DELAY: Duration = Duration::from_millis(100);
+
+pub struct RateLoad<'a> {
+    pub addr: SocketAddr,
+    pub path: &'a str,
+    /// Total requests per second over all connections.
+    pub rate: u32,
+    pub connections: u32,
+    pub duration_s: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RateResult {
+    pub target_per_s: f64,
+    /// Achieved: successful responses per second of wall time.
+    pub requests_per_s: f64,
+    pub requests: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// I/O errors, timeouts and non-2xx responses.
+    pub errors: u64,
+}
+
+/// What one connection's thread measured.
+#[derive(Default)]
+struct ConnStats {
+    latencies_ns: Vec<u64>,
+    errors: u64,
+}
+
+pub fn run(load: &RateLoad) -> Result<RateResult> {
+    if load.rate == 0 || load.connections == 0 {
+        bail!("the fixed-rate load needs --rate >= 1 and --connections >= 1");
+    }
+    let request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", load.path, load.addr);
+    // Seconds between two requests on one connection; connections are staggered evenly.
+    let interval = Duration::from_secs_f64(f64::from(load.connections) / f64::from(load.rate));
+    let start = Instant::now() + START_DELAY;
+    let end = start + Duration::from_secs(load.duration_s);
+    let conns: Vec<Conn> = (0..load.connections)
+        .map(|_| Conn::open(load.addr))
+        .collect::<Result<_>>()?;
+    let stats = thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| {
+                let first = start + interval.mul_f64(i as f64 / f64::from(load.connections));
+                let request = request.as_bytes();
+                s.spawn(move || drive(conn, request, first, interval, end))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a load thread panicked"))
+            })
+            .collect::<Result<Vec<ConnStats>>>()
+    })?;
+    signals::check()?;
+    let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+    Ok(summarize(stats, f64::from(load.rate), elapsed))
+}
+
+/// A keep-alive connection; reopened after an error.
+struct Conn {
+    addr: SocketAddr,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Self {
+            addr,
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// One request-response exchange; Ok(false) for a non-2xx answer.
+    fn exchange(&mut self, request: &[u8]) -> Result<bool> {
+        self.writer.write_all(request)?;
+        let head = http1::read_head(&mut self.reader)?.context("connection closed")?;
+        http1::read_body(&mut self.reader, &head, false)?;
+        Ok(head.status().is_some_and(|s| (200..300).contains(&s)))
+    }
+}
+
+/// Sends on `conn` at `first`, `first + interval`, ... until `end`.
+fn drive(
+    mut conn: Conn,
+    request: &[u8],
+    first: Instant,
+    interval: Duration,
+    end: Instant,
+) -> ConnStats {
+    // The default 50 us timer slack would add to every measured latency.
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    let mut stats = ConnStats::default();
+    let mut due = first;
+    while due < end && !signals::interrupted() {
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        match conn.exchange(request) {
+            Ok(true) => stats.latencies_ns.push(due.elapsed().as_nanos() as u64),
+            Ok(false) => stats.errors += 1,
+            Err(_) => {
+                stats.errors += 1;
+                // Reopen; if that fails too the next exchange errors and retries.
+                if let Ok(fresh) = Conn::open(conn.addr) {
+                    conn = fresh;
+                }
+            }
+        }
+        due += interval;
+    }
+    stats
+}
+
+fn summarize(stats: Vec<ConnStats>, target_per_s: f64, elapsed_s: f64) -> RateResult {
+    let errors = stats.iter().map(|s| s.errors).sum();
+    let mut ns: Vec<u64> = stats.into_iter().flat_map(|s| s.latencies_ns).collect();
+    ns.sort_unstable();
+    let us = |q: f64| percentile(&ns, q).map_or(f64::NAN, |v| v as f64 / 1e3);
+    RateResult {
+        target_per_s,
+        requests_per_s: ns.len() as f64 / elapsed_s,
+        requests: ns.len() as u64,
+        p50_us: us(0.50),
+        p99_us: us(0.99),
+        max_us: us(1.0),
+        errors,
+    }
+}
+
+/// Nearest-rank percentile of sorted values, `q` in (0, 1].
+fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&v, 1.0), Some(100));
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn paces_requests() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let conn = conn.unwrap();
+                thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    while let Ok(Some(_)) = http1::read_head(&mut r) {
+                        w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let load = RateLoad {
+            addr,
+            path: "/",
+            rate: 200,
+            connections: 4,
+            duration_s: 1,
+        };
+        let r = run(&load).unwrap();
+        assert_eq!((r.requests, r.errors), (200, 0));
+        assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us && r.p99_us <= r.max_us);
+    }
+}
