@@ -53,6 +53,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// An agent on every node must keep its footprint small: mimalloc's defaults (eager arena commit,
+/// purge after 10 ms) held 50-70 MiB at 60k spans/s here; these hold ~30 MiB for ~10% more CPU.
+/// It runs as an ELF constructor because the first arena is made by the first allocation, before
+/// `main`.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static BOUND_ALLOCATOR_MEMORY: extern "C" fn() = bound_allocator_memory;
+
+extern "C" fn bound_allocator_memory() {
+    // Option ids from mimalloc.h (v2): mi_option_arena_eager_commit, mi_option_purge_delay.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY_MS: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting documented options; safe at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY_MS, 0);
+    }
+}
+
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("zerotel: error: {e:#}");
     ExitCode::FAILURE
