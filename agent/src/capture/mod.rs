@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use zerotel_abi::{
     user::{decode, Event},
-    ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent,
+    ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, SpanIds,
 };
 
 use crate::telemetry::Telemetry;
@@ -21,7 +21,8 @@ const BATCH: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CapturedEvent {
     ConnOpen(ConnOpenEvent),
-    Data { meta: DataMeta, payload: Vec<u8> },
+    /// `ids`: the span ids the kernel decided when this segment starts a request.
+    Data { meta: DataMeta, ids: Option<SpanIds>, payload: Vec<u8> },
     ConnClose(ConnCloseEvent),
     ProcessExec(ProcessEvent),
     ProcessExit(ProcessEvent),
@@ -31,7 +32,7 @@ impl From<Event<'_>> for CapturedEvent {
     fn from(event: Event<'_>) -> Self {
         match event {
             Event::ConnOpen(e) => Self::ConnOpen(e),
-            Event::Data(meta, payload) => Self::Data { meta, payload: payload.to_vec() },
+            Event::Data(meta, ids, payload) => Self::Data { meta, ids, payload: payload.to_vec() },
             Event::ConnClose(e) => Self::ConnClose(e),
             Event::ProcessExec(e) => Self::ProcessExec(e),
             Event::ProcessExit(e) => Self::ProcessExit(e),

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
-use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent};
+use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, SpanIds};
 
 use crate::{
     capture::CapturedEvent,
@@ -42,6 +42,22 @@ impl Lineage {
             flags: p.flags,
             trace_state: p.trace_state,
         })
+    }
+
+    /// The kernel's decision; tracestate still comes from the request's own header. The kernel
+    /// reads W3C version 00 only: a SERVER request whose parent only userspace understood (B3, a
+    /// later traceparent version) keeps that parent.
+    fn from_kernel(ids: &SpanIds, request: &RequestHead, is_server: bool) -> Self {
+        let remote = if is_server { context::extract(&request.context) } else { None };
+        match remote {
+            Some(parent) if ids.parent_id == [0; 8] => Self::from_remote(Some(parent)),
+            remote => Self {
+                trace_id: ids.trace_id,
+                parent: (ids.parent_id != [0; 8]).then_some(ids.parent_id),
+                flags: ids.flags,
+                trace_state: remote.map(|p| p.trace_state).unwrap_or_default(),
+            },
+        }
     }
 
     /// A CLIENT span is the child of the request its thread is serving, if any.
@@ -113,7 +129,7 @@ impl Assembler {
     pub fn handle(&mut self, event: CapturedEvent) {
         match event {
             CapturedEvent::ConnOpen(e) => self.on_open(&e),
-            CapturedEvent::Data { meta, payload } => self.on_data(&meta, &payload),
+            CapturedEvent::Data { meta, ids, payload } => self.on_data(&meta, ids.as_ref(), &payload),
             CapturedEvent::ConnClose(e) => self.on_close(&e),
             CapturedEvent::ProcessExec(e) => self.on_exec(&e),
             CapturedEvent::ProcessExit(e) => self.on_exit(&e),
@@ -155,12 +171,14 @@ impl Assembler {
         }
     }
 
-    fn on_data(&mut self, meta: &DataMeta, payload: &[u8]) {
+    fn on_data(&mut self, meta: &DataMeta, ids: Option<&SpanIds>, payload: &[u8]) {
         let Some(conn) = self.conns.get_mut(meta.conn_id) else { return };
         let segment = conn.segment(meta, payload);
         conn.http.push(&segment, &mut self.outputs);
         let upgraded = conn.http.is_upgraded();
-        self.flush_outputs(meta.conn_id, meta.header.tid);
+        // The kernel's ids belong to the request that starts at this segment's first byte.
+        let kernel_ids = ids.map(|ids| (segment.first_byte_ns, *ids));
+        self.flush_outputs(meta.conn_id, meta.header.tid, kernel_ids);
         if upgraded {
             // WebSocket and other upgrades: nothing more to parse here.
             self.forget(meta.conn_id);
@@ -174,7 +192,7 @@ impl Assembler {
     fn close_conn(&mut self, conn_id: u64, ts_ns: u64) {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         conn.http.close(ts_ns, &mut self.outputs);
-        self.flush_outputs(conn_id, 0);
+        self.flush_outputs(conn_id, 0, None);
         self.forget(conn_id);
     }
 
@@ -202,10 +220,13 @@ impl Assembler {
         self.discovery.on_exit(pid);
     }
 
-    fn flush_outputs(&mut self, conn_id: u64, tid: u32) {
+    fn flush_outputs(&mut self, conn_id: u64, tid: u32, kernel_ids: Option<(u64, SpanIds)>) {
         for output in std::mem::take(&mut self.outputs) {
             match output {
-                Output::RequestStarted { id, head, start_ns } => self.start_exchange(conn_id, id, head, start_ns, tid),
+                Output::RequestStarted { id, head, start_ns } => {
+                    let ids = kernel_ids.filter(|(first_byte_ns, _)| *first_byte_ns == start_ns).map(|(_, ids)| ids);
+                    self.start_exchange(conn_id, id, head, start_ns, tid, ids)
+                }
                 Output::ExchangeEnded { id, response, end_ns, outcome } => {
                     self.end_exchange(conn_id, id, response.as_ref(), end_ns, outcome)
                 }
@@ -213,18 +234,26 @@ impl Assembler {
         }
     }
 
-    fn start_exchange(&mut self, conn_id: u64, id: u64, request: RequestHead, start_ns: u64, tid: u32) {
+    fn start_exchange(
+        &mut self,
+        conn_id: u64,
+        id: u64,
+        request: RequestHead,
+        start_ns: u64,
+        tid: u32,
+        kernel_ids: Option<SpanIds>,
+    ) {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         let is_server = conn.is_server;
         if self.exchanges.len() >= MAX_OPEN_EXCHANGES {
             self.telemetry.exchanges_desynchronised.inc();
             return;
         }
-        let span_id = context::new_span_id();
-        let lineage = if is_server {
-            Lineage::from_remote(context::extract(&request.context))
-        } else {
-            Lineage::from_serving(self.serving.get(&tid).copied())
+        let (lineage, span_id) = match kernel_ids {
+            // The kernel decided at send/receive time; an injected header carries these ids.
+            Some(ids) => (Lineage::from_kernel(&ids, &request, is_server), ids.span_id),
+            None if is_server => (Lineage::from_remote(context::extract(&request.context)), context::new_span_id()),
+            None => (Lineage::from_serving(self.serving.get(&tid).copied()), context::new_span_id()),
         };
         if is_server {
             if self.serving.len() >= MAX_SERVING_THREADS {

@@ -75,12 +75,41 @@ pub struct DataMeta {
     pub captured: u16,
 }
 
+/// Span ids the kernel decided for the request that starts in a data event. Deciding them in the
+/// kernel, at the moment the bytes move, is what lets an injected `traceparent` and the exported
+/// span agree: the agent uses these ids rather than making its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// All zero for a root span.
+    pub parent_id: [u8; 8],
+    /// W3C trace flags.
+    pub flags: u8,
+    /// 1 when the ids are set (the event starts a request on a traced connection).
+    pub valid: u8,
+    pub _pad: [u8; 6],
+}
+
 /// A data syscall with its first bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataEvent {
     pub meta: DataMeta,
+    pub ids: SpanIds,
     pub payload: [u8; MAX_CAPTURE],
+}
+
+/// What a traced thread is serving: CLIENT requests it sends continue this trace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadContext {
+    pub trace_id: [u8; 16],
+    /// The SERVER span's id: the parent of the thread's CLIENT spans.
+    pub span_id: [u8; 8],
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// A traced process closed a tracked connection.

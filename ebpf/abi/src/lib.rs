@@ -21,6 +21,7 @@ pub mod names {
     pub const TRACED_PIDS: &str = "TRACED_PIDS";
     pub const CONNS: &str = "CONNS";
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const THREAD_CONTEXT: &str = "THREAD_CONTEXT";
     pub const COUNTERS: &str = "COUNTERS";
     pub const TRACE_ALL: &str = "TRACE_ALL";
     pub const AGENT_PID: &str = "AGENT_PID";
@@ -35,6 +36,8 @@ pub mod limits {
     pub const TRACED_PIDS: u32 = 16_384;
     pub const CONNS: u32 = 65_536;
     pub const IN_FLIGHT_SYSCALLS: u32 = 16_384;
+    /// Threads serving a request at once.
+    pub const THREAD_CONTEXTS: u32 = 16_384;
 }
 
 /// Indices of the per-CPU counters the agent reads for its metrics.

@@ -2,7 +2,7 @@
 
 use crate::{
     ConnCloseEvent, ConnOpenEvent, ConnState, DataEvent, DataMeta, EventHeader, KernelOffsets,
-    ProcessEvent, kind,
+    ProcessEvent, SpanIds, kind,
 };
 
 // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with explicit padding.
@@ -14,8 +14,9 @@ unsafe impl aya::Pod for KernelOffsets {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event<'a> {
     ConnOpen(ConnOpenEvent),
-    /// Meta plus the captured payload (empty for body bytes that stayed in the kernel).
-    Data(DataMeta, &'a [u8]),
+    /// Meta, the kernel's span ids when the event starts a request, and the captured payload
+    /// (empty for body bytes that stayed in the kernel).
+    Data(DataMeta, Option<SpanIds>, &'a [u8]),
     ConnClose(ConnCloseEvent),
     ProcessExec(ProcessEvent),
     ProcessExit(ProcessEvent),
@@ -56,7 +57,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::CONN_CLOSE => read(bytes, header.kind).map(Event::ConnClose),
         kind::PROCESS_EXEC => read(bytes, header.kind).map(Event::ProcessExec),
         kind::PROCESS_EXIT => read(bytes, header.kind).map(Event::ProcessExit),
-        kind::DATA_META => read(bytes, header.kind).map(|m| Event::Data(m, &[])),
+        kind::DATA_META => read(bytes, header.kind).map(|m| Event::Data(m, None, &[])),
         kind::DATA => decode_data(bytes),
         other => Err(DecodeError::UnknownKind(other)),
     }
@@ -64,12 +65,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
 
 fn decode_data(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let meta: DataMeta = read(bytes, kind::DATA)?;
+    let ids_at = core::mem::offset_of!(DataEvent, ids);
+    let ids: SpanIds = read(bytes.get(ids_at..).unwrap_or_default(), kind::DATA)?;
     let start = core::mem::offset_of!(DataEvent, payload);
     let captured = (meta.captured as usize).min(crate::MAX_CAPTURE).min(meta.len as usize);
     let payload = bytes
         .get(start..start + captured)
         .ok_or(DecodeError::Truncated { kind: kind::DATA, len: bytes.len() })?;
-    Ok(Event::Data(meta, payload))
+    Ok(Event::Data(meta, (ids.valid == 1).then_some(ids), payload))
 }
 
 impl ProcessEvent {
@@ -93,14 +96,17 @@ mod tests {
 
     #[test]
     fn decodes_data_with_payload() {
-        let mut ev = DataEvent { meta: DataMeta::default(), payload: [0; MAX_CAPTURE] };
+        let mut ev = DataEvent { meta: DataMeta::default(), ids: SpanIds::default(), payload: [0; MAX_CAPTURE] };
         ev.meta.header.kind = kind::DATA;
         ev.meta.len = 100;
         ev.meta.captured = 3;
+        ev.ids.valid = 1;
+        ev.ids.span_id = [7; 8];
         ev.payload[..3].copy_from_slice(b"GET");
         match decode(as_bytes(&ev)) {
-            Ok(Event::Data(meta, payload)) => {
+            Ok(Event::Data(meta, ids, payload)) => {
                 assert_eq!(meta.len, 100);
+                assert_eq!(ids.map(|i| i.span_id), Some([7; 8]));
                 assert_eq!(payload, b"GET");
             }
             other => panic!("unexpected {other:?}"),
@@ -109,12 +115,12 @@ mod tests {
 
     #[test]
     fn captured_never_exceeds_len_or_buffer() {
-        let mut ev = DataEvent { meta: DataMeta::default(), payload: [0; MAX_CAPTURE] };
+        let mut ev = DataEvent { meta: DataMeta::default(), ids: SpanIds::default(), payload: [0; MAX_CAPTURE] };
         ev.meta.header.kind = kind::DATA;
         ev.meta.len = 2;
         ev.meta.captured = u16::MAX;
-        let Ok(Event::Data(_, payload)) = decode(as_bytes(&ev)) else { panic!("decode failed") };
-        assert_eq!(payload.len(), 2);
+        let Ok(Event::Data(_, ids, payload)) = decode(as_bytes(&ev)) else { panic!("decode failed") };
+        assert_eq!((payload.len(), ids), (2, None));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod classify;
 mod conns;
+mod context;
 mod maps;
 mod process;
 mod syscalls;

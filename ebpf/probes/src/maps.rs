@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets};
+use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, ThreadContext};
 
 /// Events for the agent.
 #[map]
@@ -25,6 +25,12 @@ pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(limi
 #[map]
 pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
     LruHashMap::with_max_entries(limits::IN_FLIGHT_SYSCALLS, BPF_F_NO_COMMON_LRU);
+
+/// The request each traced thread is serving (`context`). LRU: a thread killed mid-request
+/// cannot leak an entry; sched_process_exit also removes it.
+#[map]
+pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
+    LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
 
 /// Drop counters (`zerotel_abi::counters`).
 #[map]

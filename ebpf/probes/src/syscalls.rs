@@ -8,11 +8,13 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use zerotel_abi::{
-    buffer, conn_key, counters, direction, kind, protocol, DataEvent, DataMeta, InFlight, MAX_CAPTURE,
+    buffer, conn_key, counters, direction, kind, protocol, role, DataEvent, DataMeta, InFlight, SpanIds,
+    MAX_CAPTURE,
 };
 
 use crate::{
-    classify::is_http_start,
+    classify::{is_http_request_start, is_http_response_start, is_http_start},
+    context,
     conns::{header, ENTER_ARG0, EXIT_RET},
     maps::{count, is_traced, CONNS, EVENTS, IN_FLIGHT},
 };
@@ -153,8 +155,34 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         protocol: conn.protocol,
         captured: 0,
     };
-    if capture { emit_with_payload(meta, data, avail) } else { emit_meta(meta) }
+    let moment = span_moment(conn.role, call.direction, &prefix);
+    if moment == Moment::ServerResponse {
+        context::server_responded(pid_tgid);
+    }
+    if capture { emit_with_payload(meta, data, avail, moment) } else { emit_meta(meta) }
     Ok(())
+}
+
+/// What a segment means for trace context.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    Nothing,
+    /// A traced server read a request: decide its SERVER span ids.
+    ServerRequest,
+    /// A traced process sent a request: decide its CLIENT span ids.
+    ClientRequest,
+    /// A traced server started its response: the thread is done serving.
+    ServerResponse,
+}
+
+#[inline(always)]
+fn span_moment(conn_role: u8, dir: u8, prefix: &[u8; 8]) -> Moment {
+    match (conn_role, dir) {
+        (role::SERVER, direction::INGRESS) if is_http_request_start(prefix) => Moment::ServerRequest,
+        (role::CLIENT, direction::EGRESS) if is_http_request_start(prefix) => Moment::ClientRequest,
+        (role::SERVER, direction::EGRESS) if is_http_response_start(prefix) => Moment::ServerResponse,
+        _ => Moment::Nothing,
+    }
 }
 
 /// Where the call's first bytes are in user memory, and how many of them (at most `len`).
@@ -196,6 +224,11 @@ fn read_prefix(data: u64, avail: u64) -> [u8; 8] {
 }
 
 #[inline(always)]
+fn meta_pid_tgid(meta: &DataMeta) -> u64 {
+    (u64::from(meta.header.pid) << 32) | u64::from(meta.header.tid)
+}
+
+#[inline(always)]
 fn wakeup_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
@@ -216,7 +249,7 @@ fn emit_meta(meta: DataMeta) {
 }
 
 #[inline(always)]
-fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64) {
+fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment) {
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
         count(counters::EVENTS_LOST);
         return;
@@ -232,8 +265,20 @@ fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64) {
         )
     };
     meta.header.kind = kind::DATA;
+    // SAFETY: `event` is our reservation; ids are filled in place (the stack is too small to copy).
+    let ids = unsafe {
+        core::ptr::addr_of_mut!((*event).ids).write(SpanIds::default());
+        &mut *core::ptr::addr_of_mut!((*event).ids)
+    };
     if read == 0 {
         meta.captured = size as u16;
+        // SAFETY: the first `size` bytes were just written; the scan reads no further.
+        let head = unsafe { &*core::ptr::addr_of!((*event).payload) };
+        match moment {
+            Moment::ServerRequest => context::server_request(meta_pid_tgid(&meta), head, size as usize, ids),
+            Moment::ClientRequest => context::client_request(meta_pid_tgid(&meta), ids),
+            Moment::Nothing | Moment::ServerResponse => {}
+        }
     } else {
         count(counters::CAPTURE_FAILED);
     }

@@ -1,0 +1,177 @@
+//! Trace context decided in the kernel, when the bytes move: a traced server's request gets its
+//! SERVER span ids (continuing an incoming `traceparent`), kept per thread while it serves; a
+//! request the thread sends gets a CLIENT span id in that trace. The agent exports exactly these.
+
+use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use zerotel_abi::{SpanIds, ThreadContext, MAX_CAPTURE};
+
+use crate::maps::THREAD_CONTEXT;
+
+/// The header name; its value `00-` + 32 + `-` + 16 + `-` + 2 hex is VALUE_LEN long.
+const HEADER: &[u8; 12] = b"traceparent:";
+const VALUE_LEN: usize = 55;
+/// Scan no further than this into a head (bounded loop; heads are captured up to MAX_CAPTURE).
+const SCAN_LIMIT: usize = MAX_CAPTURE - HEADER.len() - VALUE_LEN - 2;
+const SAMPLED: u8 = 0x01;
+
+/// Decide the ids of a request a traced server just read, into `ids` (the event's own memory:
+/// the BPF stack is too small for copies); the thread now serves it.
+#[inline(always)]
+pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: &mut SpanIds) {
+    ids.span_id = random_span_id();
+    ids.valid = 1;
+    if !parse_traceparent(head, len, ids) {
+        ids.trace_id = random_trace_id();
+        ids.parent_id = [0; 8];
+        ids.flags = SAMPLED;
+    }
+    let context = ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] };
+    let _ = THREAD_CONTEXT.insert(pid_tgid, context, 0);
+}
+
+/// Decide the ids of a request a traced thread sends: a child of what it serves, else a new trace.
+#[inline(always)]
+pub fn client_request(pid_tgid: u64, ids: &mut SpanIds) {
+    ids.span_id = random_span_id();
+    ids.valid = 1;
+    // SAFETY: a live map value, read field by field.
+    match unsafe { THREAD_CONTEXT.get(&pid_tgid) } {
+        Some(serving) => {
+            ids.trace_id = serving.trace_id;
+            ids.parent_id = serving.span_id;
+            ids.flags = serving.flags;
+        }
+        None => {
+            ids.trace_id = random_trace_id();
+            ids.parent_id = [0; 8];
+            ids.flags = SAMPLED;
+        }
+    }
+}
+
+/// The thread answered its request: what it sends next is no longer part of that trace.
+#[inline(always)]
+pub fn server_responded(pid_tgid: u64) {
+    let _ = THREAD_CONTEXT.remove(&pid_tgid);
+}
+
+/// Find `\ntraceparent:` (any case) in the head and parse a version-00 value into `ids`.
+/// The loop holds a single compare per offset: the verifier walks every iteration and allows a
+/// few thousand branches in all, so everything else is checked once, after it.
+#[inline(always)]
+fn parse_traceparent(head: &[u8; MAX_CAPTURE], len: usize, ids: &mut SpanIds) -> bool {
+    const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
+    let end = if len > SCAN_LIMIT { SCAN_LIMIT } else { len };
+    let mut found = 0;
+    let mut at = 1;
+    while at < SCAN_LIMIT && at < end {
+        // `| 0x20` lowercases ASCII letters.
+        if load_u64(head, at) | 0x2020_2020_2020_2020 == TRACEPAR {
+            found = at;
+            break;
+        }
+        at += 1;
+    }
+    // Pass the offset through the event's memory: the verifier then checks what follows once for
+    // an unknown offset, not once per offset the loop could stop at.
+    ids.parent_id = (found as u64).to_le_bytes();
+    // SAFETY: reading back the field just written.
+    let name = u64::from_le_bytes(unsafe { core::ptr::read_volatile(&ids.parent_id) }) as usize;
+    if name == 0 || name > SCAN_LIMIT || name + HEADER.len() + VALUE_LEN > end {
+        return false;
+    }
+    let line_start = head[(name - 1) % MAX_CAPTURE] == b'\n';
+    let name_end = load_u32(head, name + 8) | 0x2020_2020 == u32::from_le_bytes(*b"ent:");
+    line_start && name_end && parse_value(head, name + HEADER.len(), ids)
+}
+
+#[inline(always)]
+fn load_u64(head: &[u8; MAX_CAPTURE], at: usize) -> u64 {
+    if at > MAX_CAPTURE - 8 {
+        return 0;
+    }
+    // SAFETY: at + 8 <= MAX_CAPTURE; unaligned loads are fine here.
+    unsafe { core::ptr::read_unaligned(head.as_ptr().add(at).cast::<u64>()) }
+}
+
+#[inline(always)]
+fn load_u32(head: &[u8; MAX_CAPTURE], at: usize) -> u32 {
+    if at > MAX_CAPTURE - 4 {
+        return 0;
+    }
+    // SAFETY: at + 4 <= MAX_CAPTURE.
+    unsafe { core::ptr::read_unaligned(head.as_ptr().add(at).cast::<u32>()) }
+}
+
+/// `[ ]00-<32 hex>-<16 hex>-<2 hex>` into `ids`; false (ids half-written) when invalid.
+#[inline(always)]
+fn parse_value(head: &[u8; MAX_CAPTURE], mut at: usize, ids: &mut SpanIds) -> bool {
+    if head[at % MAX_CAPTURE] == b' ' {
+        at += 1;
+    }
+    let byte = |pos: usize| hex_byte(head[pos % MAX_CAPTURE], head[(pos + 1) % MAX_CAPTURE]);
+    let dash = |pos: usize| head[pos % MAX_CAPTURE] == b'-';
+    if byte(at) != Some(0) || !dash(at + 2) || !dash(at + 35) || !dash(at + 52) {
+        return false;
+    }
+    let mut any = 0u8;
+    let mut k = 0;
+    while k < 16 {
+        let Some(b) = byte(at + 3 + 2 * k) else { return false };
+        ids.trace_id[k] = b;
+        any |= b;
+        k += 1;
+    }
+    // All-zero ids are invalid: start a new trace instead.
+    if any == 0 {
+        return false;
+    }
+    any = 0;
+    k = 0;
+    while k < 8 {
+        let Some(b) = byte(at + 36 + 2 * k) else { return false };
+        ids.parent_id[k] = b;
+        any |= b;
+        k += 1;
+    }
+    match byte(at + 53) {
+        Some(flags) if any != 0 => {
+            ids.flags = flags;
+            true
+        }
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn hex_byte(high: u8, low: u8) -> Option<u8> {
+    Some((nibble(high)? << 4) | nibble(low)?)
+}
+
+#[inline(always)]
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn random_u64() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) }
+}
+
+#[inline(always)]
+fn random_span_id() -> [u8; 8] {
+    (random_u64() | 1).to_be_bytes()
+}
+
+#[inline(always)]
+fn random_trace_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&random_u64().to_be_bytes());
+    id[8..].copy_from_slice(&(random_u64() | 1).to_be_bytes());
+    id
+}
