@@ -35,6 +35,9 @@ pub struct Cli {
     /// OTLP protocol: grpc or http/protobuf; overrides OTEL_EXPORTER_OTLP_{TRACES_,}PROTOCOL.
     #[arg(long, value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
+    /// Do not insert `traceparent` into outgoing HTTP requests of traced processes.
+    #[arg(long, env = "ZEROTEL_NO_PROPAGATION")]
+    pub no_propagation: bool,
     /// Address serving /healthz and /metrics.
     #[arg(long, value_name = "ADDR", env = "ZEROTEL_LISTEN", default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,
@@ -56,6 +59,7 @@ pub enum ConfigError {
 
 pub struct Config {
     pub selector: Selector,
+    pub propagate: bool,
     pub export: ExportConfig,
     pub listen: SocketAddr,
     pub shutdown_timeout: Duration,
@@ -71,6 +75,7 @@ impl Config {
         let otlp = OtlpConfig::resolve(cli.otlp_endpoint.as_deref(), cli.otlp_protocol.as_deref(), env)?;
         Ok(Self {
             selector: Selector { pids: cli.pids, ports: cli.ports, exes },
+            propagate: !cli.no_propagation,
             export: ExportConfig { print: cli.print || otlp.is_none(), otlp },
             listen: cli.listen,
             shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),

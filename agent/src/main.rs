@@ -84,7 +84,10 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let scope = if config.selector.is_empty() { Scope::All } else { Scope::Selected };
-    let (probes, maps) = Probes::load_and_attach(scope)?;
+    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagate)?;
+    if let Some(e) = propagation_error {
+        log::warn!("propagation off, tracing goes on without it: {e}");
+    }
     *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
 
     let kernel = discovery::KernelState { traced_pids: maps.traced_pids, conns: maps.conns, in_flight: maps.in_flight };

@@ -46,6 +46,7 @@ fn wait_for_ready_port(script: &ScriptProcess) -> u16 {
 }
 
 const PY_SERVER: &str = r#"
+import hashlib
 import json
 import sys
 import urllib.error
@@ -77,6 +78,8 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(500, {"error": "internal"})
         elif url.path == "/chain":
             self.chain(parse_qs(url.query).get("to", [None])[0])
+        elif url.path == "/headers":
+            self.reply(200, {"traceparent": self.headers.get_all("traceparent") or []})
         else:
             self.reply(404, {"error": "not found"})
 
@@ -96,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
-        self.reply(200, {"received_bytes": len(body)})
+        self.reply(200, {"received_bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
 
 
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
@@ -106,7 +109,8 @@ server.serve_forever()
 
 /// A Python `ThreadingHTTPServer` (HTTP/1.1, keep-alive). Routes:
 /// `/users/<id>` 200 JSON, `/error` 500, `/chain?to=<url>` calls `<url>` from
-/// the handling thread then 200, POST echoes the body length, else 404.
+/// the handling thread then 200, `/headers` lists the `traceparent` values it
+/// received, POST echoes the body length and SHA-256, else 404.
 pub struct PyServer {
     script: ScriptProcess,
     port: u16,

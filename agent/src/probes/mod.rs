@@ -6,8 +6,8 @@ mod offsets;
 use std::{ffi::CString, path::Path};
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
 use zerotel_abi::{names, ConnState, InFlight};
@@ -33,6 +33,12 @@ pub enum ProbeError {
     /// A map the agent needs is missing or of the wrong type.
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    /// No cgroup v2 hierarchy to attach sock_ops to (needed for propagation only).
+    #[error("no cgroup v2 mount in /proc/mounts (propagation needs one)")]
+    NoCgroup2,
+    /// The cgroup v2 root could not be opened.
+    #[error("opening {path}: {source}")]
+    Cgroup { path: String, source: std::io::Error },
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -108,8 +114,10 @@ impl Probes {
         Ok(())
     }
 
-    /// Load the object with the kernel offsets and scope baked in, attach every hook.
-    pub fn load_and_attach(scope: Scope) -> Result<(Self, KernelMaps), ProbeError> {
+    /// Load the object with the kernel offsets and scope baked in, attach every hook. Propagation
+    /// is attached when asked and possible; when not, tracing goes on without it (the returned
+    /// error says why).
+    pub fn load_and_attach(scope: Scope, propagate: bool) -> Result<(Self, KernelMaps, Option<ProbeError>), ProbeError> {
         Self::check()?;
         let mounted_tracefs = mount_tracefs()?;
         let offsets = offsets::resolve()?;
@@ -121,6 +129,7 @@ impl Probes {
             .override_global(names::OFFSETS, &offsets, true)
             .override_global(names::TRACE_ALL, &trace_all, true)
             .override_global(names::AGENT_PID, &agent_pid, true)
+            .override_global(names::PROPAGATE, &u8::from(propagate), true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotel")))
             .map_err(|e| match e {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -131,8 +140,9 @@ impl Probes {
                 other => ProbeError::Load(other),
             })?;
         attach_all(&mut ebpf)?;
+        let propagation_error = if propagate { attach_propagation(&mut ebpf).err() } else { None };
         let maps = take_maps(&mut ebpf)?;
-        Ok((Self { ebpf: Some(ebpf), mounted_tracefs }, maps))
+        Ok((Self { ebpf: Some(ebpf), mounted_tracefs }, maps, propagation_error))
     }
 
     /// How many tracepoints are attached, for the start-up log.
@@ -172,6 +182,57 @@ fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// sk_msg on the injection sockhash, sock_ops on the cgroup v2 root. The links are owned by the
+/// programs, so dropping the object (or the agent dying) detaches both: nothing keeps altering
+/// traffic without the agent.
+fn attach_propagation(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let err = |program, tracepoint: &str| {
+        let tracepoint = tracepoint.to_owned();
+        move |source| ProbeError::Program { program, tracepoint, source }
+    };
+    let map = ebpf.map(names::INJECT_SOCKS).ok_or(ProbeError::Map {
+        name: names::INJECT_SOCKS,
+        source: aya::maps::MapError::InvalidName { name: names::INJECT_SOCKS.into() },
+    })?;
+    let socks = SockHash::<_, u64>::try_from(map).map_err(|source| ProbeError::Map { name: names::INJECT_SOCKS, source })?;
+    let socks_fd = socks.fd().try_clone().map_err(|e| ProbeError::Cgroup { path: names::INJECT_SOCKS.into(), source: e })?;
+    let sk_msg: &mut SkMsg = program(ebpf, "zt_sk_msg")?.try_into().map_err(err("zt_sk_msg", "sockhash"))?;
+    sk_msg.load().map_err(err("zt_sk_msg", "sockhash"))?;
+    sk_msg.attach(&socks_fd).map_err(err("zt_sk_msg", "sockhash"))?;
+    let root = cgroup2_root()?;
+    let cgroup = std::fs::File::open(&root).map_err(|source| ProbeError::Cgroup { path: root.clone(), source })?;
+    let sock_ops: &mut SockOps = program(ebpf, "zt_sock_ops")?.try_into().map_err(err("zt_sock_ops", &root))?;
+    sock_ops.load().map_err(err("zt_sock_ops", &root))?;
+    // Attached as a bpf_link, which coexists with other programs on the cgroup (links take no
+    // ALLOW_MULTI flag: the kernel rejects it) and goes away with the agent.
+    sock_ops.attach(cgroup, CgroupAttachMode::Single).map_err(err("zt_sock_ops", &root))?;
+    log::info!("propagation: sock_ops on {root}, sk_msg on outgoing requests of traced processes");
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, ProbeError> {
+    ebpf.program_mut(name).ok_or(ProbeError::Program {
+        program: name,
+        tracepoint: String::new(),
+        source: aya::programs::ProgramError::NotLoaded,
+    })
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones): never assume, read /proc/mounts.
+pub fn cgroup2_root() -> Result<String, ProbeError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|_| ProbeError::NoCgroup2)?;
+    cgroup2_in(&mounts).ok_or(ProbeError::NoCgroup2)
+}
+
+fn cgroup2_in(mounts: &str) -> Option<String> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| path.replace("\\040", " "))
+    })
+}
+
 fn take_maps(ebpf: &mut Ebpf) -> Result<KernelMaps, ProbeError> {
     fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         ebpf: &mut Ebpf,
@@ -202,4 +263,17 @@ fn mount_tracefs() -> Result<bool, ProbeError> {
         return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_and_unified_hosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_in(hybrid).as_deref(), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(cgroup2_in("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0").as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_in("proc /proc proc rw 0 0"), None);
+    }
 }

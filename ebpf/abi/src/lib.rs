@@ -25,6 +25,8 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const TRACE_ALL: &str = "TRACE_ALL";
     pub const AGENT_PID: &str = "AGENT_PID";
+    pub const PROPAGATE: &str = "PROPAGATE";
+    pub const INJECT_SOCKS: &str = "INJECT_SOCKS";
     pub const OFFSETS: &str = "OFFSETS";
 }
 

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use zerotel_abi::{SpanIds, ThreadContext, MAX_CAPTURE};
 
-use crate::maps::THREAD_CONTEXT;
+use crate::maps::{INJECTED, THREAD_CONTEXT};
 
 /// The header name; its value `00-` + 32 + `-` + 16 + `-` + 2 hex is VALUE_LEN long.
 const HEADER: &[u8; 12] = b"traceparent:";
@@ -46,6 +46,19 @@ pub fn client_request(pid_tgid: u64, ids: &mut SpanIds) {
             ids.parent_id = [0; 8];
             ids.flags = SAMPLED;
         }
+    }
+}
+
+/// Ids of a request the thread just sent: the ones sk_msg injected into it, else decided now.
+#[inline(always)]
+pub fn sent_request(pid_tgid: u64, ids: &mut SpanIds) {
+    // SAFETY: plain-old-data value, copied out before removal.
+    match unsafe { INJECTED.get(&pid_tgid) } {
+        Some(injected) => {
+            *ids = *injected;
+            let _ = INJECTED.remove(&pid_tgid);
+        }
+        None => client_request(pid_tgid, ids),
     }
 }
 

@@ -11,6 +11,7 @@ mod conns;
 mod context;
 mod maps;
 mod process;
+mod propagation;
 mod syscalls;
 
 #[cfg(not(test))]

@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, ThreadContext};
+use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, SpanIds, ThreadContext};
 
 /// Events for the agent.
 #[map]
@@ -32,9 +32,27 @@ pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
 pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
     LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
 
+/// Connections traced processes are opening, by socket cookie, until established (`propagation`).
+#[map]
+pub static CONNECTING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(limits::CONNS, BPF_F_NO_COMMON_LRU);
+
+/// Sockets whose requests get a `traceparent` (sk_msg runs on their sends). Closed sockets leave
+/// a sockhash by themselves.
+#[map]
+pub static INJECT_SOCKS: SockHash<u64> = SockHash::with_max_entries(limits::CONNS, 0);
+
+/// Ids sk_msg injected into the thread's current send, for that syscall's exit to report.
+#[map]
+pub static INJECTED: LruHashMap<u64, SpanIds> =
+    LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
+
 /// Drop counters (`zerotel_abi::counters`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(zerotel_abi::counters::COUNT, 0);
+
+/// Per-CPU scratch word (see `propagation::launder`).
+#[map]
+pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU sequence for connection ids.
 #[map]
@@ -45,6 +63,9 @@ pub static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub static TRACE_ALL: u8 = 0;
 #[unsafe(no_mangle)]
 pub static AGENT_PID: u32 = 0;
+/// Set by the agent: insert `traceparent` into outgoing requests.
+#[unsafe(no_mangle)]
+pub static PROPAGATE: u8 = 0;
 #[unsafe(no_mangle)]
 pub static OFFSETS: KernelOffsets = KernelOffsets {
     task_files: 0,

@@ -276,7 +276,7 @@ fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment) 
         let head = unsafe { &*core::ptr::addr_of!((*event).payload) };
         match moment {
             Moment::ServerRequest => context::server_request(meta_pid_tgid(&meta), head, size as usize, ids),
-            Moment::ClientRequest => context::client_request(meta_pid_tgid(&meta), ids),
+            Moment::ClientRequest => context::sent_request(meta_pid_tgid(&meta), ids),
             Moment::Nothing | Moment::ServerResponse => {}
         }
     } else {

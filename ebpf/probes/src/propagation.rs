@@ -1,0 +1,241 @@
+//! Trace context propagation for plaintext HTTP/1: a traced process's outgoing request gets a
+//! `traceparent` header inserted after its request line, before TCP sees the bytes (sk_msg runs
+//! ahead of segmentation, so no sequence numbers need fixing). Never corrupts, never drops: any
+//! failure after the insertion removes it again and the bytes go out untouched.
+//!
+//! Which sockets: `sock_ops` sees connect() in the connecting thread (TCP_CONNECT_CB, where the pid
+//! is reliable) and remembers traced ones; once established (ACTIVE_ESTABLISHED_CB, the first
+//! point where the kernel accepts a sockhash insert) they join INJECT_SOCKS, whose sends sk_msg sees.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_socket_cookie, bpf_msg_pull_data},
+    },
+    macros::{sk_msg, sock_ops},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use zerotel_abi::{buffer, conn_key, direction, protocol, role, SpanIds};
+
+use crate::{
+    context,
+    maps::{is_traced, CONNECTING, CONNS, INJECTED, INJECT_SOCKS, IN_FLIGHT, PROPAGATE, SCRATCH},
+};
+
+const TCP_CONNECT_CB: u32 = 3;
+const ACTIVE_ESTABLISHED_CB: u32 = 4;
+const SK_PASS: u32 = 1;
+/// `traceparent: 00-` + 32 hex + `-` + 16 hex + `-` + 2 hex + CRLF.
+const HEADER_LEN: usize = 70;
+/// How far into a message the request line and an existing traceparent are looked for.
+const HEAD_WINDOW: u32 = 1024;
+/// A request line longer than this is left alone.
+const MAX_REQUEST_LINE: usize = 512;
+
+#[inline(always)]
+fn enabled() -> bool {
+    // SAFETY: read-only global set before load.
+    unsafe { core::ptr::read_volatile(&PROPAGATE) != 0 }
+}
+
+/// cgroup sock_ops on the cgroup v2 root: `struct bpf_sock_ops`.
+#[sock_ops]
+pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
+    if !enabled() {
+        return 1;
+    }
+    // SAFETY: the context pointer is the kernel's bpf_sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    match ctx.op() {
+        TCP_CONNECT_CB if is_traced((bpf_get_current_pid_tgid() >> 32) as u32) => {
+            let _ = CONNECTING.insert(cookie, 1, 0);
+        }
+        // SAFETY: lookups only compare against None.
+        ACTIVE_ESTABLISHED_CB if unsafe { CONNECTING.get(&cookie) }.is_some() => {
+            let _ = CONNECTING.remove(&cookie);
+            // SAFETY: the context's own socket.
+            let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
+            let _ = INJECT_SOCKS.update(cookie, ops, u64::from(BPF_NOEXIST));
+        }
+        _ => {}
+    }
+    1
+}
+
+/// sk_msg on INJECT_SOCKS: every sendmsg/write of those sockets, in the sending thread.
+#[sk_msg]
+pub fn zt_sk_msg(ctx: SkMsgContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if enabled() && is_traced((pid_tgid >> 32) as u32) && sends_http_request(pid_tgid) {
+        inject(&ctx, pid_tgid);
+    }
+    SK_PASS
+}
+
+/// The send in progress (recorded by the syscall's entry program) is on a client connection that
+/// speaks HTTP/1 (or has sent nothing yet): a connection classified as anything else is never
+/// touched, whatever its bytes look like.
+#[inline(always)]
+fn sends_http_request(pid_tgid: u64) -> bool {
+    // SAFETY: plain-old-data values, only read.
+    let Some(call) = (unsafe { IN_FLIGHT.get(&pid_tgid) }) else { return false };
+    if call.direction != direction::EGRESS || call.buffer == buffer::NONE {
+        return false;
+    }
+    // SAFETY: as above.
+    match unsafe { CONNS.get(&conn_key((pid_tgid >> 32) as u32, call.fd)) } {
+        Some(conn) => conn.role == role::CLIENT && conn.protocol != protocol::OTHER,
+        None => false,
+    }
+}
+
+fn inject(ctx: &SkMsgContext, pid_tgid: u64) {
+    let window = if ctx.size() < HEAD_WINDOW { ctx.size() } else { HEAD_WINDOW };
+    if window < 16 || !pull(ctx, 0, window) || !starts_request(ctx) {
+        return;
+    }
+    if scan_head(ctx) != Scan::LineEnd {
+        return; // no request line, or a traceparent already there (SDK, proxy): one header only
+    }
+    // Pulling again resets what the verifier knows of the data pointers, so the code below is
+    // checked once rather than once per place the scan could have stopped.
+    if !pull(ctx, 0, window) {
+        return;
+    }
+    let Some(line_end) = request_line_end(ctx) else { return };
+    let mut ids = SpanIds::default();
+    context::client_request(pid_tgid, &mut ids);
+    let at = (line_end + 2) as u32;
+    if ctx.push_data(at, HEADER_LEN as u32, 0).is_err() {
+        return;
+    }
+    if write_header(ctx, at, &ids) {
+        let _ = INJECTED.insert(pid_tgid, ids, 0);
+    } else {
+        let _ = ctx.pop_data(at, HEADER_LEN as u32, 0);
+    }
+}
+
+#[inline(always)]
+fn pull(ctx: &SkMsgContext, start: u32, end: u32) -> bool {
+    // SAFETY: the context's own message.
+    unsafe { bpf_msg_pull_data(ctx.msg, start, end, 0) == 0 }
+}
+
+#[inline(always)]
+fn starts_request(ctx: &SkMsgContext) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 8 > end {
+        return false;
+    }
+    // SAFETY: bounds checked.
+    crate::classify::is_http_request_start(&unsafe { core::ptr::read_unaligned(data as *const [u8; 8]) })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    NoLineEnd,
+    /// The first CRLF's offset is in SCRATCH.
+    LineEnd,
+    HasTraceparent,
+}
+
+/// One pass over the head: where the request line ends (kept in map memory, so the verifier's
+/// states do not multiply by it) and whether a `traceparent:` name appears (any case).
+#[inline(always)]
+fn scan_head(ctx: &SkMsgContext) -> Scan {
+    const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else { return Scan::NoLineEnd };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let mut line_end_seen = false;
+    let mut i = 0;
+    while i < HEAD_WINDOW as usize {
+        if data + i + 8 > end {
+            break;
+        }
+        // SAFETY: bounds checked above.
+        let word = unsafe { core::ptr::read_unaligned((data + i) as *const u64) };
+        if word | 0x2020_2020_2020_2020 == TRACEPAR {
+            return Scan::HasTraceparent;
+        }
+        if !line_end_seen && word & 0xffff == 0x0a0d {
+            // SAFETY: this CPU's slot.
+            unsafe { core::ptr::write_volatile(slot, i as u64) };
+            line_end_seen = true;
+        }
+        i += 1;
+    }
+    if line_end_seen { Scan::LineEnd } else { Scan::NoLineEnd }
+}
+
+/// The request line's CRLF offset (from SCRATCH), if it ends `HTTP/1.x` and is not too long.
+#[inline(always)]
+fn request_line_end(ctx: &SkMsgContext) -> Option<usize> {
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, written by scan_head.
+    let line_end = unsafe { core::ptr::read_volatile(slot) } as usize;
+    if !(9..MAX_REQUEST_LINE).contains(&line_end) {
+        return None;
+    }
+    // The verifier allows no negative offsets from a packet pointer: read forward from the start.
+    let version_at = ctx.data() + (line_end - 9);
+    if version_at + 8 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked above.
+    let version = unsafe { core::ptr::read_unaligned(version_at as *const [u8; 8]) };
+    (version[..7] == *b" HTTP/1").then_some(line_end)
+}
+
+/// Write `traceparent: 00-<trace>-<span>-<flags>\r\n` into the room made at `at`.
+#[inline(always)]
+fn write_header(ctx: &SkMsgContext, at: u32, ids: &SpanIds) -> bool {
+    // SAFETY: pulling the inserted range makes it directly writable.
+    if unsafe { bpf_msg_pull_data(ctx.msg, at, at + HEADER_LEN as u32, 0) } != 0 {
+        return false;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + HEADER_LEN > end {
+        return false;
+    }
+    let header = format_header(ids);
+    let mut i = 0;
+    while i < HEADER_LEN {
+        // SAFETY: data + HEADER_LEN <= end.
+        unsafe { *((data + i) as *mut u8) = header[i] };
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn format_header(ids: &SpanIds) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    out[..16].copy_from_slice(b"traceparent: 00-");
+    let mut k = 0;
+    while k < 16 {
+        hex_pair(ids.trace_id[k], &mut out, 16 + 2 * k);
+        k += 1;
+    }
+    out[48] = b'-';
+    k = 0;
+    while k < 8 {
+        hex_pair(ids.span_id[k], &mut out, 49 + 2 * k);
+        k += 1;
+    }
+    out[65] = b'-';
+    hex_pair(ids.flags, &mut out, 66);
+    out[68] = b'\r';
+    out[69] = b'\n';
+    out
+}
+
+#[inline(always)]
+fn hex_pair(byte: u8, out: &mut [u8; HEADER_LEN], at: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    if at + 1 < HEADER_LEN {
+        out[at] = DIGITS[(byte >> 4) as usize];
+        out[at + 1] = DIGITS[(byte & 0xf) as usize];
+    }
+}
