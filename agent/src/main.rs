@@ -84,7 +84,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let scope = if config.selector.is_empty() { Scope::All } else { Scope::Selected };
-    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagate)?;
+    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagate, config.sampler)?;
     if let Some(e) = propagation_error {
         log::warn!("propagation off, tracing goes on without it: {e}");
     }
@@ -92,7 +92,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
 
     let kernel = discovery::KernelState { traced_pids: maps.traced_pids, conns: maps.conns, in_flight: maps.in_flight };
     let discovery = Discovery::new(config.selector, kernel, BaseResource::from_env(env));
-    let mut assembler = Assembler::new(discovery, telemetry.clone());
+    let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler);
     assembler.initial_scan();
 
     let (events_tx, events_rx) = mpsc::channel(QUEUE_BATCHES);

@@ -45,6 +45,8 @@ pub struct Telemetry {
     /// Assemble: spans made, by kind.
     pub spans_server: Counter,
     pub spans_client: Counter,
+    /// Assemble: spans not exported because their trace is not sampled.
+    pub spans_unsampled: Counter,
     /// Assemble: exchanges whose bytes were lost or could not be framed (no span made).
     pub exchanges_desynchronised: Counter,
     /// Assemble: times an HTTP/1 connection lost sync (gaps, garbage, unframeable messages).
@@ -94,6 +96,7 @@ impl Telemetry {
             "Spans assembled, by kind.",
             &[("{kind=\"server\"}", self.spans_server.get()), ("{kind=\"client\"}", self.spans_client.get())],
         );
+        counter("zerotel_spans_unsampled_total", "Spans of unsampled traces (not exported).", &[("", self.spans_unsampled.get())]);
         counter(
             "zerotel_exchanges_desynchronised_total",
             "Exchanges whose bytes were lost or unframeable; no span made.",

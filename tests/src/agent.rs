@@ -67,9 +67,15 @@ impl Agent {
     /// Starts the agent with `args` plus `--listen` (and the OTLP flags when a
     /// receiver is given) and waits for /healthz to answer 200.
     pub fn start(args: &[String], otlp: Option<&OtlpReceiver>) -> Agent {
+        Agent::start_with_env(args, otlp, &[])
+    }
+
+    /// As [`Agent::start`], with extra environment variables for the agent (e.g. the sampler).
+    pub fn start_with_env(args: &[String], otlp: Option<&OtlpReceiver>, env: &[(&str, &str)]) -> Agent {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let logs = TempDir::new("agent");
         let mut command = agent_command(args);
+        command.envs(env.iter().copied());
         command.arg("--listen").arg(listen.to_string());
         if let Some(otlp) = otlp {
             command.args(["--otlp-endpoint", &otlp.endpoint(), "--otlp-protocol", otlp.protocol_flag()]);

@@ -168,6 +168,25 @@ fn after_sigkill_nothing_alters_traffic() {
     assert!(traceparents(&body).is_empty(), "no program left attached altering traffic: {body}");
 }
 
+#[test]
+fn the_injected_sampled_flag_matches_what_is_exported() {
+    if !require_kernel() {
+        return;
+    }
+    let echo = PyServer::start("echo.py");
+    let client = paused_client(&["curl", "-s", "--max-time", "20", &echo.url("/headers")]);
+    let pid = client.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start_with_env(&pid_args(&[pid]), Some(&receiver), &[("OTEL_TRACES_SAMPLER", "always_off")]);
+    let output = client.release();
+    let received = traceparents(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(received.len(), 1, "context still propagates when not sampled: {received:?}");
+    assert!(received[0].ends_with("-00"), "not-sampled flag injected: {received:?}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(receiver.spans().iter().all(|s| s.pid() != Some(pid)), "an unsampled trace exported spans");
+    assert!(agent.metric_sum("zerotel_spans_unsampled_total") >= 1, "unsampled spans are counted");
+}
+
 fn sha256_hex(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()

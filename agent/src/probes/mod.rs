@@ -10,7 +10,7 @@ use aya::{
     programs::{CgroupAttachMode, SkMsg, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
-use zerotel_abi::{names, ConnState, InFlight};
+use zerotel_abi::{names, ConnState, InFlight, Sampler};
 
 /// Why the probes could not run here, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +117,11 @@ impl Probes {
     /// Load the object with the kernel offsets and scope baked in, attach every hook. Propagation
     /// is attached when asked and possible; when not, tracing goes on without it (the returned
     /// error says why).
-    pub fn load_and_attach(scope: Scope, propagate: bool) -> Result<(Self, KernelMaps, Option<ProbeError>), ProbeError> {
+    pub fn load_and_attach(
+        scope: Scope,
+        propagate: bool,
+        sampler: Sampler,
+    ) -> Result<(Self, KernelMaps, Option<ProbeError>), ProbeError> {
         Self::check()?;
         let mounted_tracefs = mount_tracefs()?;
         let offsets = offsets::resolve()?;
@@ -130,6 +134,7 @@ impl Probes {
             .override_global(names::TRACE_ALL, &trace_all, true)
             .override_global(names::AGENT_PID, &agent_pid, true)
             .override_global(names::PROPAGATE, &u8::from(propagate), true)
+            .override_global(names::SAMPLER, &sampler, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotel")))
             .map_err(|e| match e {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })

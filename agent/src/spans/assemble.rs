@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
-use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, SpanIds};
+use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, Sampler, SpanIds, SAMPLED};
 
 use crate::{
     capture::CapturedEvent,
@@ -30,27 +30,31 @@ struct Lineage {
 }
 
 impl Lineage {
-    fn root() -> Self {
-        Self { trace_id: context::new_trace_id(), parent: None, flags: context::SAMPLED, trace_state: String::new() }
+    fn root(sampler: &Sampler) -> Self {
+        let trace_id = context::new_trace_id();
+        Self { flags: sampler.flags(&trace_id, None), trace_id, parent: None, trace_state: String::new() }
     }
 
     /// A SERVER span continues the caller's trace when the request carries one.
-    fn from_remote(remote: Option<RemoteParent>) -> Self {
-        remote.map_or_else(Self::root, |p| Self {
-            trace_id: p.trace_id,
-            parent: Some(p.span_id),
-            flags: p.flags,
-            trace_state: p.trace_state,
-        })
+    fn from_remote(remote: Option<RemoteParent>, sampler: &Sampler) -> Self {
+        remote.map_or_else(
+            || Self::root(sampler),
+            |p| Self {
+                flags: sampler.flags(&p.trace_id, Some(p.flags)),
+                trace_id: p.trace_id,
+                parent: Some(p.span_id),
+                trace_state: p.trace_state,
+            },
+        )
     }
 
     /// The kernel's decision; tracestate still comes from the request's own header. The kernel
     /// reads W3C version 00 only: a SERVER request whose parent only userspace understood (B3, a
     /// later traceparent version) keeps that parent.
-    fn from_kernel(ids: &SpanIds, request: &RequestHead, is_server: bool) -> Self {
+    fn from_kernel(ids: &SpanIds, request: &RequestHead, is_server: bool, sampler: &Sampler) -> Self {
         let remote = if is_server { context::extract(&request.context) } else { None };
         match remote {
-            Some(parent) if ids.parent_id == [0; 8] => Self::from_remote(Some(parent)),
+            Some(parent) if ids.parent_id == [0; 8] => Self::from_remote(Some(parent), sampler),
             remote => Self {
                 trace_id: ids.trace_id,
                 parent: (ids.parent_id != [0; 8]).then_some(ids.parent_id),
@@ -61,8 +65,8 @@ impl Lineage {
     }
 
     /// A CLIENT span is the child of the request its thread is serving, if any.
-    fn from_serving(serving: Option<Serving>) -> Self {
-        serving.map_or_else(Self::root, |s| Self {
+    fn from_serving(serving: Option<Serving>, sampler: &Sampler) -> Self {
+        serving.map_or_else(|| Self::root(sampler), |s| Self {
             trace_id: s.trace_id,
             parent: Some(s.span_id),
             flags: s.flags,
@@ -100,6 +104,7 @@ pub struct Assembler {
     serving: FxHashMap<u32, Serving>,
     discovery: Discovery,
     telemetry: Arc<Telemetry>,
+    sampler: Sampler,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall-clock times.
     mono_to_unix_ns: i128,
     outputs: Vec<Output>,
@@ -107,8 +112,9 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>, sampler: Sampler) -> Self {
         Self {
+            sampler,
             conns: ConnTable::default(),
             exchanges: FxHashMap::default(),
             serving: FxHashMap::default(),
@@ -251,9 +257,11 @@ impl Assembler {
         }
         let (lineage, span_id) = match kernel_ids {
             // The kernel decided at send/receive time; an injected header carries these ids.
-            Some(ids) => (Lineage::from_kernel(&ids, &request, is_server), ids.span_id),
-            None if is_server => (Lineage::from_remote(context::extract(&request.context)), context::new_span_id()),
-            None => (Lineage::from_serving(self.serving.get(&tid).copied()), context::new_span_id()),
+            Some(ids) => (Lineage::from_kernel(&ids, &request, is_server, &self.sampler), ids.span_id),
+            None if is_server => {
+                (Lineage::from_remote(context::extract(&request.context), &self.sampler), context::new_span_id())
+            }
+            None => (Lineage::from_serving(self.serving.get(&tid).copied(), &self.sampler), context::new_span_id()),
         };
         if is_server {
             if self.serving.len() >= MAX_SERVING_THREADS {
@@ -272,6 +280,10 @@ impl Assembler {
         }
         if outcome == Outcome::Desynchronised {
             self.telemetry.exchanges_desynchronised.inc();
+            return;
+        }
+        if exchange.lineage.flags & SAMPLED == 0 {
+            self.telemetry.spans_unsampled.inc();
             return;
         }
         let Some(conn) = self.conns.get_mut(conn_id) else { return };

@@ -15,6 +15,45 @@ pub use conn::*;
 pub use event::*;
 pub use offsets::KernelOffsets;
 
+/// The trace sampler, decided from the trace id so every agent and the injected flag agree
+/// (OpenTelemetry's TraceIdRatioBased: the id's last 8 bytes, big-endian, below a threshold).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampler {
+    /// Sampled when the id's last 8 bytes are below this; u64::MAX samples everything.
+    pub threshold: u64,
+    /// 1: a span with a parent follows the parent's sampled flag.
+    pub parent_based: u8,
+    pub _pad: [u8; 7],
+}
+
+impl Sampler {
+    pub const ALWAYS_ON: Self = Self { threshold: u64::MAX, parent_based: 1, _pad: [0; 7] };
+
+    /// W3C flags for a span in `trace_id`, given its parent's flags when it has a parent.
+    #[inline(always)]
+    pub fn flags(&self, trace_id: &[u8; 16], parent_flags: Option<u8>) -> u8 {
+        match parent_flags {
+            Some(flags) if self.parent_based != 0 => flags & SAMPLED,
+            _ => u8::from(self.samples(trace_id)),
+        }
+    }
+
+    #[inline(always)]
+    pub fn samples(&self, trace_id: &[u8; 16]) -> bool {
+        if self.threshold == u64::MAX {
+            return true;
+        }
+        let low = u64::from_be_bytes([
+            trace_id[8], trace_id[9], trace_id[10], trace_id[11], trace_id[12], trace_id[13], trace_id[14], trace_id[15],
+        ]);
+        low < self.threshold
+    }
+}
+
+/// W3C trace flag: sampled.
+pub const SAMPLED: u8 = 0x01;
+
 /// Names of the maps and globals the agent looks up in the object file.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
@@ -26,6 +65,7 @@ pub mod names {
     pub const TRACE_ALL: &str = "TRACE_ALL";
     pub const AGENT_PID: &str = "AGENT_PID";
     pub const PROPAGATE: &str = "PROPAGATE";
+    pub const SAMPLER: &str = "SAMPLER";
     pub const INJECT_SOCKS: &str = "INJECT_SOCKS";
     pub const OFFSETS: &str = "OFFSETS";
 }

@@ -9,6 +9,7 @@ use crate::{
 unsafe impl aya::Pod for ConnState {}
 unsafe impl aya::Pod for crate::InFlight {}
 unsafe impl aya::Pod for KernelOffsets {}
+unsafe impl aya::Pod for crate::Sampler {}
 
 /// A ring-buffer record, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,14 +5,13 @@
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use zerotel_abi::{SpanIds, ThreadContext, MAX_CAPTURE};
 
-use crate::maps::{INJECTED, THREAD_CONTEXT};
+use crate::maps::{sampler, INJECTED, THREAD_CONTEXT};
 
 /// The header name; its value `00-` + 32 + `-` + 16 + `-` + 2 hex is VALUE_LEN long.
 const HEADER: &[u8; 12] = b"traceparent:";
 const VALUE_LEN: usize = 55;
 /// Scan no further than this into a head (bounded loop; heads are captured up to MAX_CAPTURE).
 const SCAN_LIMIT: usize = MAX_CAPTURE - HEADER.len() - VALUE_LEN - 2;
-const SAMPLED: u8 = 0x01;
 
 /// Decide the ids of a request a traced server just read, into `ids` (the event's own memory:
 /// the BPF stack is too small for copies); the thread now serves it.
@@ -20,10 +19,12 @@ const SAMPLED: u8 = 0x01;
 pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: &mut SpanIds) {
     ids.span_id = random_span_id();
     ids.valid = 1;
-    if !parse_traceparent(head, len, ids) {
+    if parse_traceparent(head, len, ids) {
+        ids.flags = sampler().flags(&ids.trace_id, Some(ids.flags));
+    } else {
         ids.trace_id = random_trace_id();
         ids.parent_id = [0; 8];
-        ids.flags = SAMPLED;
+        ids.flags = sampler().flags(&ids.trace_id, None);
     }
     let context = ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] };
     let _ = THREAD_CONTEXT.insert(pid_tgid, context, 0);
@@ -44,7 +45,7 @@ pub fn client_request(pid_tgid: u64, ids: &mut SpanIds) {
         None => {
             ids.trace_id = random_trace_id();
             ids.parent_id = [0; 8];
-            ids.flags = SAMPLED;
+            ids.flags = sampler().flags(&ids.trace_id, None);
         }
     }
 }

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, SpanIds, ThreadContext};
+use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, Sampler, SpanIds, ThreadContext};
 
 /// Events for the agent.
 #[map]
@@ -63,6 +63,16 @@ pub static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub static TRACE_ALL: u8 = 0;
 #[unsafe(no_mangle)]
 pub static AGENT_PID: u32 = 0;
+/// Set by the agent from OTEL_TRACES_SAMPLER(_ARG).
+#[unsafe(no_mangle)]
+pub static SAMPLER: Sampler = Sampler::ALWAYS_ON;
+
+#[inline(always)]
+pub fn sampler() -> Sampler {
+    // SAFETY: a read-only global the agent set before load.
+    unsafe { core::ptr::read_volatile(&SAMPLER) }
+}
+
 /// Set by the agent: insert `traceparent` into outgoing requests.
 #[unsafe(no_mangle)]
 pub static PROPAGATE: u8 = 0;
