@@ -90,7 +90,12 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     }
     *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
 
-    let kernel = discovery::KernelState { traced_pids: maps.traced_pids, conns: maps.conns, in_flight: maps.in_flight };
+    let kernel = discovery::KernelState {
+        traced_pids: maps.traced_pids,
+        conns: maps.conns,
+        in_flight: maps.in_flight,
+        inject_socks: maps.inject_socks,
+    };
     let discovery = Discovery::new(config.selector, kernel, BaseResource::from_env(env));
     let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler);
     assembler.initial_scan();

@@ -187,6 +187,46 @@ fn the_injected_sampled_flag_matches_what_is_exported() {
     assert!(agent.metric_sum("zerotel_spans_unsampled_total") >= 1, "unsampled spans are counted");
 }
 
+#[test]
+fn connections_opened_before_the_agent_get_the_header_too() {
+    if !require_kernel() {
+        return;
+    }
+    let echo = PyServer::start("echo.py");
+    let dir = TempDir::new("early-client");
+    let script = dir.write(
+        "early.py",
+        r#"
+import http.client, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+def get():
+    conn.request("GET", "/headers")
+    print(conn.getresponse().read().decode(), flush=True)
+get()
+sys.stdin.readline()
+get()
+"#,
+    );
+    let port = echo.url("/").rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok()).expect("port");
+    let mut client = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let mut stdout = std::io::BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("first response");
+    assert!(traceparents(&line).is_empty(), "no agent yet: {line}");
+    let _agent = Agent::start(&pid_args(&[client.id()]), None);
+    std::io::Write::write_all(client.stdin.as_mut().expect("stdin"), b"go\n").expect("release");
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("second response");
+    let _ = client.wait();
+    assert_eq!(traceparents(&line).len(), 1, "the existing keep-alive connection is propagated on: {line}");
+}
+
 fn sha256_hex(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()

@@ -7,11 +7,12 @@ pub mod resource;
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use procfs::{
     net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process},
@@ -56,6 +57,8 @@ pub struct KernelState {
     pub traced_pids: BpfHashMap<MapData, u32, u8>,
     pub conns: BpfHashMap<MapData, u64, ConnState>,
     pub in_flight: BpfHashMap<MapData, u64, InFlight>,
+    /// Propagation's sockhash (None when propagation is off).
+    pub inject_socks: Option<SockHash<MapData, u64>>,
 }
 
 pub struct Discovery {
@@ -198,6 +201,21 @@ impl Discovery {
         seeded
     }
 
+    /// A client connection opened before the agent never passed sock_ops: put it in the
+    /// propagation sockhash now, through a duplicate of the process's fd (pidfd_getfd), keyed by
+    /// its socket cookie like sock_ops does.
+    fn propagate_on_existing(&mut self, pid: u32, fd: u32) {
+        let Some(socks) = self.kernel.inject_socks.as_mut() else { return };
+        let added = borrow_socket(pid, fd).and_then(|socket| {
+            let cookie = socket_cookie(&socket)?;
+            const BPF_NOEXIST: u64 = 1;
+            socks.insert(cookie, socket.as_raw_fd(), BPF_NOEXIST).map_err(std::io::Error::other)
+        });
+        if let Err(e) = added {
+            log::debug!("no propagation on existing connection fd {fd} of pid {pid}: {e}");
+        }
+    }
+
     /// Threads already blocked in a read or write on a seeded socket when the probes attached (a
     /// keep-alive server waiting for the next request): the kernel never saw that call's entry,
     /// so record it from /proc/PID/task/TID/syscall, as the entry program would have.
@@ -228,6 +246,9 @@ impl Discovery {
         let conn_id = SEEDED_ID_BIT | self.next_seeded_id;
         let state = ConnState { conn_id, role: conn_role, protocol: protocol::UNKNOWN, ..Default::default() };
         self.kernel.conns.insert(key, state, 0).ok()?;
+        if conn_role == role::CLIENT {
+            self.propagate_on_existing(pid, fd);
+        }
         Some(SeededConn { pid, fd, conn_id, role: conn_role, local: entry.local_address, remote: entry.remote_address })
     }
 }
@@ -293,6 +314,34 @@ fn monotonic_now_ns() -> u64 {
     // SAFETY: valid clock id and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// A duplicate of `fd` of process `pid` (needs ptrace rights over it: root has them).
+fn borrow_socket(pid: u32, fd: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; every returned fd is owned right away.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let socket = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if socket < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(socket as i32))
+    }
+}
+
+/// SO_COOKIE: the id sock_ops and sk_msg see for the same socket.
+fn socket_cookie(socket: &OwnedFd) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn exe_path(pid: u32) -> Option<PathBuf> {

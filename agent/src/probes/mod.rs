@@ -99,6 +99,8 @@ pub struct KernelMaps {
     pub conns: BpfHashMap<MapData, u64, ConnState>,
     pub in_flight: BpfHashMap<MapData, u64, InFlight>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Sockets whose requests get a traceparent; None when propagation is off.
+    pub inject_socks: Option<SockHash<MapData, u64>>,
 }
 
 impl Probes {
@@ -146,7 +148,10 @@ impl Probes {
             })?;
         attach_all(&mut ebpf)?;
         let propagation_error = if propagate { attach_propagation(&mut ebpf).err() } else { None };
-        let maps = take_maps(&mut ebpf)?;
+        let mut maps = take_maps(&mut ebpf)?;
+        if propagate && propagation_error.is_none() {
+            maps.inject_socks = Some(take(&mut ebpf, names::INJECT_SOCKS)?);
+        }
         Ok((Self { ebpf: Some(ebpf), mounted_tracefs }, maps, propagation_error))
     }
 
@@ -238,20 +243,22 @@ fn cgroup2_in(mounts: &str) -> Option<String> {
     })
 }
 
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+    T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
 fn take_maps(ebpf: &mut Ebpf) -> Result<KernelMaps, ProbeError> {
-    fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-        ebpf: &mut Ebpf,
-        name: &'static str,
-    ) -> Result<T, ProbeError> {
-        let map = ebpf.take_map(name).ok_or(ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
-        T::try_from(map).map_err(|source| ProbeError::Map { name, source })
-    }
     Ok(KernelMaps {
         events: take(ebpf, names::EVENTS)?,
         traced_pids: take(ebpf, names::TRACED_PIDS)?,
         conns: take(ebpf, names::CONNS)?,
         in_flight: take(ebpf, names::IN_FLIGHT)?,
         counters: take(ebpf, names::COUNTERS)?,
+        inject_socks: None,
     })
 }
 
