@@ -1,7 +1,10 @@
 //! Kernel-side cost of the agent: BPF program run time and run count, which the kernel only
 //! accounts while `kernel.bpf_stats_enabled` is 1 (there are no hardware perf counters here).
 
-use std::{collections::BTreeMap, fs};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
@@ -77,6 +80,32 @@ pub fn snapshot(prefix: &str) -> Result<Vec<ProgStat>> {
     }
 }
 
+/// Ids of the BPF programs process `pid` holds (program and link fds, per /proc/PID/fdinfo):
+/// the ones it loaded, as opposed to same-named programs of another agent on the machine.
+pub fn prog_ids_of(pid: u32) -> Result<BTreeSet<u32>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+        // An fd can close between listing and reading it.
+        let Ok(text) = fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        ids.extend(text.lines().filter_map(|l| {
+            l.strip_prefix("prog_id:")
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        }));
+    }
+    Ok(ids)
+}
+
+/// Keeps the programs in `ids`; all of them when `ids` is empty (ownership unknown).
+pub fn only(mut stats: Vec<ProgStat>, ids: &BTreeSet<u32>) -> Vec<ProgStat> {
+    if !ids.is_empty() {
+        stats.retain(|p| ids.contains(&p.id));
+    }
+    stats
+}
+
 /// Per-program growth between two snapshots (programs keyed by id), costliest first.
 pub fn delta(before: &[ProgStat], after: &[ProgStat]) -> Vec<ProgStat> {
     let base: BTreeMap<u32, &ProgStat> = before.iter().map(|p| (p.id, p)).collect();
@@ -93,4 +122,28 @@ pub fn delta(before: &[ProgStat], after: &[ProgStat]) -> Vec<ProgStat> {
         .collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.run_ns));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(id: u32) -> ProgStat {
+        ProgStat {
+            id,
+            name: "zt_x".into(),
+            run_ns: 1,
+            runs: 1,
+        }
+    }
+
+    #[test]
+    fn keeps_owned_programs() {
+        // This test process holds no BPF program.
+        let none = prog_ids_of(std::process::id()).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(only(vec![stat(1), stat(2)], &none).len(), 2);
+        let kept = only(vec![stat(1), stat(2)], &BTreeSet::from([2]));
+        assert_eq!(kept.iter().map(|p| p.id).collect::<Vec<_>>(), [2]);
+    }
 }

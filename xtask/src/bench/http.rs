@@ -4,6 +4,10 @@
 //!   taken from nginx, so the throughput ratio mostly prices the agent's CPU;
 //! - fixed rate: the open-loop client in `rate` offering --rate req/s, the load a user sees,
 //!   where latency, lost events and the agent's share of a core are what matter.
+//!
+//! With --propagation the topology and the modes change: see `propagation`.
+
+mod propagation;
 
 use std::{
     net::SocketAddr,
@@ -41,7 +45,18 @@ impl Scenario for Http {
         "http"
     }
 
+    fn output_name(&self, args: &BenchArgs) -> String {
+        if args.propagation {
+            propagation::NAME.into()
+        } else {
+            self.name().into()
+        }
+    }
+
     fn run(&self, ctx: &Ctx) -> Result<Report> {
+        if ctx.args.propagation {
+            return propagation::run(ctx);
+        }
         let a = ctx.args;
         let wrk_bin = find_cmd("wrk").context("wrk is not installed: run `cargo xtask setup`")?;
         // Declared before nginx: dropped after it, so nginx's files outlive nginx.
@@ -69,19 +84,24 @@ impl Scenario for Http {
             wrk::run(&wrk_bin, &saturate(a.warmup)).context("warm-up load failed")?;
         }
         let tracer = match ctx.agent {
-            Some(exe) => Some(Tracer::new(exe, &nginx, &a.agent_args, tmp.path().into())?),
+            Some(exe) => Some(Tracer::new(
+                exe,
+                nginx.pids(),
+                &a.agent_args,
+                tmp.path().into(),
+            )?),
             None => None,
         };
         let tracer = tracer.as_ref();
         let (mut saturation, mut rated) = (Vec::new(), Vec::new());
         for i in 1..=a.rounds {
-            for traced in [false, true] {
+            for mode in [UNTRACED, TRACED] {
                 let load = || wrk::run(&wrk_bin, &saturate(a.duration));
-                saturation.extend(round(tracer, traced, i, "saturation", load)?);
+                saturation.extend(round(tracer, &mode, i, "saturation", &NoHooks, load)?);
             }
-            for traced in [false, true] {
+            for mode in [UNTRACED, TRACED] {
                 let load = || rate::run(&fixed_rate);
-                rated.extend(round(tracer, traced, i, "rate", load)?);
+                rated.extend(round(tracer, &mode, i, "rate", &NoHooks, load)?);
             }
         }
         Ok(report(ctx, &saturation, &rated))
@@ -140,7 +160,49 @@ struct Round<L> {
     #[serde(flatten)]
     load: L,
     agent: Option<AgentRound>,
+    /// What the downstream server received (--propagation only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    injection: Option<propagation::Injection>,
 }
+
+/// How a round runs.
+#[derive(Clone, Copy)]
+struct Mode {
+    name: &'static str,
+    /// Agent arguments added to the user's; None: no agent.
+    agent_args: Option<&'static [&'static str]>,
+}
+
+const UNTRACED: Mode = Mode {
+    name: "untraced",
+    agent_args: None,
+};
+const TRACED: Mode = Mode {
+    name: "traced",
+    agent_args: Some(&[]),
+};
+
+/// What a scenario does around each round's load.
+trait Hooks {
+    /// Just before the load; the agent, if any, is up.
+    fn before_load(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// After the load (and after the agent's counters are read), the agent still up.
+    fn check(
+        &self,
+        _round: usize,
+        _kind: &str,
+        _mode: &str,
+    ) -> Result<Option<propagation::Injection>> {
+        Ok(None)
+    }
+}
+
+struct NoHooks;
+
+impl Hooks for NoHooks {}
 
 impl<L: LoadStats> Round<L> {
     fn summary(&self) -> String {
@@ -179,24 +241,30 @@ struct AgentRound {
     programs: Vec<ProgStat>,
 }
 
-/// One round of `load`, traced or not; None when traced rounds are off (--untraced-only).
+/// One round of `load` in `mode`; None when traced rounds are off (--untraced-only).
 fn round<L: LoadStats>(
     tracer: Option<&Tracer>,
-    traced: bool,
+    mode: &Mode,
     i: usize,
     kind: &str,
+    hooks: &dyn Hooks,
     load: impl FnOnce() -> Result<L>,
 ) -> Result<Option<Round<L>>> {
     signals::check()?;
-    let round = match (tracer, traced) {
-        (_, false) => Round {
-            round: i,
-            mode: "untraced",
-            load: load()?,
-            agent: None,
-        },
-        (Some(t), true) => t.round(i, kind, load)?,
-        (None, true) => return Ok(None),
+    let round = match (tracer, mode.agent_args) {
+        (_, None) => {
+            hooks.before_load()?;
+            let load = load()?;
+            Round {
+                round: i,
+                mode: mode.name,
+                load,
+                agent: None,
+                injection: hooks.check(i, kind, mode.name)?,
+            }
+        }
+        (Some(t), Some(args)) => t.round(i, kind, mode.name, args, hooks, load)?,
+        (None, Some(_)) => return Ok(None),
     };
     eprintln!("bench http: {kind} {}", round.summary());
     Ok(Some(round))
@@ -218,18 +286,20 @@ struct AfterLoad {
     peak_rss_mib: f64,
     cpu_s_total: f64,
     clean_exit: bool,
+    injection: Option<propagation::Injection>,
 }
 
 impl<'a> Tracer<'a> {
+    /// Traces `pids` in its rounds.
     fn new(
         exe: &'a Path,
-        nginx: &Nginx,
+        pids: Vec<u32>,
         extra_args: &'a [String],
         log_dir: PathBuf,
     ) -> Result<Self> {
         Ok(Self {
             exe,
-            pids: nginx.pids(),
+            pids,
             extra_args,
             log_dir,
             sink: Sink::start()?,
@@ -237,20 +307,37 @@ impl<'a> Tracer<'a> {
         })
     }
 
+    /// One round of `load` under an agent run with `mode_args` after the user's arguments.
     fn round<L: LoadStats>(
         &self,
         i: usize,
         kind: &str,
+        mode: &'static str,
+        mode_args: &[&str],
+        hooks: &dyn Hooks,
         load: impl FnOnce() -> Result<L>,
     ) -> Result<Round<L>> {
         let endpoint = self.sink.endpoint();
+        let extra_args: Vec<String> = self
+            .extra_args
+            .iter()
+            .cloned()
+            .chain(mode_args.iter().map(|s| s.to_string()))
+            .collect();
         let mut agent = Agent::start(agent::Spec {
             exe: self.exe,
             pids: &self.pids,
             otlp_endpoint: &endpoint,
-            extra_args: self.extra_args,
-            log: self.log_dir.join(format!("agent-{kind}-{i}.log")),
+            extra_args: &extra_args,
+            log: self.log_dir.join(format!("agent-{kind}-{mode}-{i}.log")),
         })?;
+        // Only this agent's programs count: another zerotel on the machine (a test run, say) has
+        // same-named ones, attached to the same tracepoints, running on the same syscalls.
+        let owned = bpf_stats::prog_ids_of(agent.pid()).unwrap_or_else(|e| {
+            eprintln!("bench http: warning: counting every zt_ program: {e:#}");
+            Default::default()
+        });
+        hooks.before_load()?;
         let (cpu0, progs0) = (
             agent.cpu_seconds()?,
             bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
@@ -263,9 +350,9 @@ impl<'a> Tracer<'a> {
             agent.cpu_seconds()?,
             bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
         );
-        let after = after_load(&mut agent)?;
+        let after = after_load(&mut agent, || hooks.check(i, kind, mode))?;
         let (posts1, bytes1) = self.sink.totals();
-        let programs = bpf_stats::delta(&progs0, &progs1);
+        let programs = bpf_stats::only(bpf_stats::delta(&progs0, &progs1), &owned);
         let requests = requests_of(&result, load_s);
         let kernel_run_ns: u64 = programs.iter().map(|p| p.run_ns).sum();
         let kernel_runs: u64 = programs.iter().map(|p| p.runs).sum();
@@ -290,15 +377,19 @@ impl<'a> Tracer<'a> {
         };
         Ok(Round {
             round: i,
-            mode: "traced",
+            mode,
             load: result,
             agent: Some(agent),
+            injection: after.injection,
         })
     }
 }
 
-/// Reads the agent's counters once it has caught up, then stops it.
-fn after_load(agent: &mut Agent) -> Result<AfterLoad> {
+/// Reads the agent's counters once it has caught up, runs `check`, then stops the agent.
+fn after_load(
+    agent: &mut Agent,
+    check: impl FnOnce() -> Result<Option<propagation::Injection>>,
+) -> Result<AfterLoad> {
     // Give the agent a moment to turn the last events into spans before reading counters.
     thread::sleep(Duration::from_secs(1));
     let metrics = agent.metrics().unwrap_or_else(|e| {
@@ -306,6 +397,7 @@ fn after_load(agent: &mut Agent) -> Result<AfterLoad> {
         String::new()
     });
     let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
+    let injection = check()?;
     let clean_exit = agent.stop();
     if !clean_exit {
         eprintln!(
@@ -318,6 +410,7 @@ fn after_load(agent: &mut Agent) -> Result<AfterLoad> {
         peak_rss_mib,
         cpu_s_total,
         clean_exit,
+        injection,
     })
 }
 
@@ -349,24 +442,48 @@ fn med<L>(rounds: &[Round<L>], mode: &str, f: impl Fn(&Round<L>) -> Option<f64>)
     median(rounds.iter().filter(|r| r.mode == mode).filter_map(f))
 }
 
-fn agent_values<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Vec<f64> {
+/// `f` of the agent in every round run with one, or only in `mode`'s rounds.
+fn agent_values<L>(
+    rounds: &[Round<L>],
+    mode: Option<&str>,
+    f: impl Fn(&AgentRound) -> Option<f64>,
+) -> Vec<f64> {
     rounds
         .iter()
+        .filter(|r| mode.is_none_or(|m| r.mode == m))
         .filter_map(|r| r.agent.as_ref().and_then(&f))
         .collect()
 }
 
 fn med_agent<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    median(agent_values(rounds, f))
+    median(agent_values(rounds, None, f))
+}
+
+fn med_agent_in<L>(
+    rounds: &[Round<L>],
+    mode: &str,
+    f: impl Fn(&AgentRound) -> Option<f64>,
+) -> Option<f64> {
+    median(agent_values(rounds, Some(mode), f))
 }
 
 /// The worst round, for targets that every round must meet.
 fn max_agent<L>(rounds: &[Round<L>], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    agent_values(rounds, f).into_iter().reduce(f64::max)
+    agent_values(rounds, None, f).into_iter().reduce(f64::max)
 }
 
 fn ratio<L>(rounds: &[Round<L>], f: impl Fn(&Round<L>) -> Option<f64> + Copy) -> Option<f64> {
-    Some(med(rounds, "traced", f)? / med(rounds, "untraced", f)?)
+    ratio_of(rounds, "traced", "untraced", f)
+}
+
+/// Median of `f` over the `num` rounds, over its median over the `den` rounds.
+fn ratio_of<L>(
+    rounds: &[Round<L>],
+    num: &str,
+    den: &str,
+    f: impl Fn(&Round<L>) -> Option<f64> + Copy,
+) -> Option<f64> {
+    Some(med(rounds, num, f)? / med(rounds, den, f)?)
 }
 
 fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Report {
@@ -460,6 +577,11 @@ fn rate_markdown(a: &BenchArgs, rounds: &[Round<RateResult>]) -> String {
 }
 
 fn table<L: LoadStats>(rounds: &[Round<L>]) -> String {
+    table_of(rounds, &["untraced", "traced"])
+}
+
+/// Every round, then the median of each of `modes`.
+fn table_of<L: LoadStats>(rounds: &[Round<L>], modes: &[&str]) -> String {
     let mut md = String::from(
         "| round | mode | req/s | p50 | p99 | errors | agent CPU s | CPU % of core | CPU s / Mreq | peak RSS MiB | spans | lost | kernel ns/req | ns/run |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -477,15 +599,14 @@ fn table<L: LoadStats>(rounds: &[Round<L>]) -> String {
             agent_cells(|f| g.and_then(f)),
         );
     }
-    for mode in ["untraced", "traced"] {
-        let traced = mode == "traced";
+    for &mode in modes {
         md += &format!(
             "| **median** | {mode} | {} | {} | {} | {} | {} |\n",
             num(med(rounds, mode, rps), 0),
             med(rounds, mode, p50).map_or("n/a".into(), fmt_us),
             med(rounds, mode, p99).map_or("n/a".into(), fmt_us),
             num(med(rounds, mode, |r| Some(r.load.errors() as f64)), 0),
-            agent_cells(|f| med_agent(rounds, f).filter(|_| traced)),
+            agent_cells(|f| med_agent_in(rounds, mode, f)),
         );
     }
     md

@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// Request path (`/` answers from nginx config, `/static/1k.bin` serves a 1 KiB file).
     #[arg(long, default_value = "/")]
     pub path: String,
+    /// http: price trace context propagation instead. wrk -> nginx A (reverse proxy) ->
+    /// nginx B, both traced; modes untraced, traced with --no-propagation, traced with
+    /// propagation. Writes http-propagation.{md,json}.
+    #[arg(long)]
+    pub propagation: bool,
     /// Only the untraced rounds: no agent build, no root needed (to check the harness itself).
     #[arg(long, hide = true)]
     pub untraced_only: bool,
@@ -76,6 +81,10 @@ pub struct Report {
 
 pub trait Scenario {
     fn name(&self) -> &'static str;
+    /// Name of the report files (target/bench/NAME.{md,json}).
+    fn output_name(&self, _args: &BenchArgs) -> String {
+        self.name().into()
+    }
     fn run(&self, ctx: &Ctx) -> Result<Report>;
 }
 
@@ -116,7 +125,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let report = scenario
             .run(&ctx)
             .with_context(|| format!("bench {} failed", scenario.name()))?;
-        write_report(&out_dir, scenario.name(), &machine, report)?;
+        write_report(&out_dir, &scenario.output_name(&args), &machine, report)?;
     }
     Ok(())
 }
@@ -151,6 +160,9 @@ fn check_args(a: &BenchArgs) -> Result<()> {
     }
     if !a.path.starts_with('/') {
         bail!("--path must start with /");
+    }
+    if a.propagation && a.agent_args.iter().any(|x| x == "--no-propagation") {
+        bail!("--propagation compares the agent with and without --no-propagation: do not pass it");
     }
     Ok(())
 }
