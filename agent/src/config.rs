@@ -7,6 +7,7 @@ use regex::Regex;
 use zerotel_abi::Sampler;
 
 use crate::{
+    probes::Propagation,
     discovery::Selector,
     export::{ExportConfig, ExportConfigError, OtlpConfig},
 };
@@ -36,8 +37,12 @@ pub struct Cli {
     /// OTLP protocol: grpc or http/protobuf; overrides OTEL_EXPORTER_OTLP_{TRACES_,}PROTOCOL.
     #[arg(long, value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
-    /// Do not insert `traceparent` into outgoing HTTP requests of traced processes.
-    #[arg(long, env = "ZEROTEL_NO_PROPAGATION")]
+    /// Insert `traceparent` into outgoing HTTP/1 requests of traced processes: auto (where this
+    /// kernel passes the safety self-test), on, or off.
+    #[arg(long, value_enum, env = "ZEROTEL_PROPAGATION", default_value = "auto")]
+    pub propagation: Propagation,
+    /// Same as `--propagation off`.
+    #[arg(long)]
     pub no_propagation: bool,
     /// Address serving /healthz and /metrics.
     #[arg(long, value_name = "ADDR", env = "ZEROTEL_LISTEN", default_value = "127.0.0.1:9464")]
@@ -63,7 +68,7 @@ pub enum ConfigError {
 
 pub struct Config {
     pub selector: Selector,
-    pub propagate: bool,
+    pub propagation: Propagation,
     pub sampler: Sampler,
     pub export: ExportConfig,
     pub listen: SocketAddr,
@@ -80,7 +85,7 @@ impl Config {
         let otlp = OtlpConfig::resolve(cli.otlp_endpoint.as_deref(), cli.otlp_protocol.as_deref(), env)?;
         Ok(Self {
             selector: Selector { pids: cli.pids, ports: cli.ports, exes },
-            propagate: !cli.no_propagation,
+            propagation: if cli.no_propagation { Propagation::Off } else { cli.propagation },
             sampler: sampler_from_env(env)?,
             export: ExportConfig { print: cli.print || otlp.is_none(), otlp },
             listen: cli.listen,

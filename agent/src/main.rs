@@ -84,7 +84,9 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let scope = if config.selector.is_empty() { Scope::All } else { Scope::Selected };
-    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagate, config.sampler)?;
+    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
+    let propagating = config.propagation != probes::Propagation::Off && propagation_error.is_none();
+    telemetry.propagation.store(propagating, std::sync::atomic::Ordering::Relaxed);
     if let Some(e) = propagation_error {
         log::warn!("propagation off, tracing goes on without it: {e}");
     }

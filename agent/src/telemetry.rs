@@ -61,6 +61,8 @@ pub struct Telemetry {
     pub export: Arc<ExportCounters>,
     /// Every probe attached.
     pub ready: AtomicBool,
+    /// `traceparent` is being inserted into outgoing requests.
+    pub propagation: AtomicBool,
     /// The kernel's per-CPU counters (lost events), read at scrape time.
     pub kernel: Mutex<Option<PerCpuArray<MapData, u64>>>,
 }
@@ -116,6 +118,11 @@ impl Telemetry {
             out,
             "# HELP zerotel_connections Connections tracked now.\n# TYPE zerotel_connections gauge\nzerotel_connections {}",
             self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP zerotel_propagation_enabled 1 when traceparent is inserted into outgoing requests.\n# TYPE zerotel_propagation_enabled gauge\nzerotel_propagation_enabled {}",
+            u8::from(self.propagation.load(Ordering::Relaxed))
         );
         out
     }

@@ -52,6 +52,15 @@ fn agent_command(args: &[String]) -> Command {
 }
 
 /// `--pid P` for each pid.
+/// `--pid` args plus `--propagation on`: for tests of the injection itself, whose applications do
+/// not size reads with FIONREAD (the agent keeps propagation off by default on kernels whose
+/// sockmap breaks it, this one included).
+pub fn propagating_pid_args(pids: &[u32]) -> Vec<String> {
+    let mut args = pid_args(pids);
+    args.extend(["--propagation".to_owned(), "on".to_owned()]);
+    args
+}
+
 pub fn pid_args(pids: &[u32]) -> Vec<String> {
     pids.iter().flat_map(|pid| ["--pid".to_string(), pid.to_string()]).collect()
 }

@@ -17,7 +17,7 @@ pub mod util;
 use std::path::Path;
 use std::time::Duration;
 
-pub use agent::{pid_args, Agent};
+pub use agent::{pid_args, propagating_pid_args, Agent};
 pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
 pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedSpan, SpanKind, Value};
 pub use servers::{Nginx, NodeServer, PyServer};

@@ -3,7 +3,7 @@
 
 use zerotel_tests::{
     util::TempDir,
-    describe, paused_client, pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer, SpanKind,
+    describe, paused_client, propagating_pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer, SpanKind,
     SPAN_TIMEOUT,
 };
 
@@ -15,7 +15,7 @@ fn traced_curl(agent_args: &[&str], url: &str, extra: &[&str]) -> (String, OtlpR
     let client = paused_client(&cmd);
     let pid = client.pid();
     let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let mut args = pid_args(&[pid]);
+    let mut args = propagating_pid_args(&[pid]);
     args.extend(agent_args.iter().map(|a| a.to_string()));
     let _agent = Agent::start(&args, Some(&receiver));
     let output = client.release();
@@ -40,7 +40,7 @@ fn one_trace_across_two_services() {
     let backend = PyServer::start("backend.py");
     let frontend = PyServer::start("frontend.py");
     let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let _agent = Agent::start(&pid_args(&[frontend.pid(), backend.pid()]), Some(&receiver));
+    let _agent = Agent::start(&propagating_pid_args(&[frontend.pid(), backend.pid()]), Some(&receiver));
     let url = frontend.url(&format!("/chain?to={}", backend.url("/users/1")));
     let result = zerotel_tests::curl(&url, &[]);
     assert_eq!(result.status, 200);
@@ -145,7 +145,7 @@ for chunk in chunks:
 print("EQUAL" if bytes(got) == sent else "DIFFERENT", len(sent), len(got))
 "#;
     let client = paused_client(&["python3", "-c", script]);
-    let _agent = Agent::start(&pid_args(&[client.pid()]), None);
+    let _agent = Agent::start(&propagating_pid_args(&[client.pid()]), None);
     let output = client.release();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.starts_with("EQUAL"), "bytes changed in flight: {stdout} {}", String::from_utf8_lossy(&output.stderr));
@@ -158,7 +158,7 @@ fn after_sigkill_nothing_alters_traffic() {
     }
     let echo = PyServer::start("echo.py");
     let client = paused_client(&["curl", "-s", "--max-time", "20", &echo.url("/headers")]);
-    let agent = Agent::start(&pid_args(&[client.pid()]), None);
+    let agent = Agent::start(&propagating_pid_args(&[client.pid()]), None);
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) }, 0);
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -177,7 +177,7 @@ fn the_injected_sampled_flag_matches_what_is_exported() {
     let client = paused_client(&["curl", "-s", "--max-time", "20", &echo.url("/headers")]);
     let pid = client.pid();
     let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start_with_env(&pid_args(&[pid]), Some(&receiver), &[("OTEL_TRACES_SAMPLER", "always_off")]);
+    let agent = Agent::start_with_env(&propagating_pid_args(&[pid]), Some(&receiver), &[("OTEL_TRACES_SAMPLER", "always_off")]);
     let output = client.release();
     let received = traceparents(&String::from_utf8_lossy(&output.stdout));
     assert_eq!(received.len(), 1, "context still propagates when not sampled: {received:?}");
@@ -219,7 +219,7 @@ get()
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("first response");
     assert!(traceparents(&line).is_empty(), "no agent yet: {line}");
-    let _agent = Agent::start(&pid_args(&[client.id()]), None);
+    let _agent = Agent::start(&propagating_pid_args(&[client.id()]), None);
     std::io::Write::write_all(client.stdin.as_mut().expect("stdin"), b"go\n").expect("release");
     line.clear();
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("second response");

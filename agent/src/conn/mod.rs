@@ -22,6 +22,9 @@ pub struct Connection {
     pub local_ip: String,
     pub remote_ip: String,
     pub http: Http1Connection,
+    /// The kernel's ids for the request whose first byte came at this time: a head read in
+    /// several pieces completes (and is reported) on a later segment than the one carrying them.
+    pub kernel_ids: Option<(u64, zerotel_abi::SpanIds)>,
     /// Next expected byte offset per direction; None until the first event.
     next_seq: [Option<u64>; 2],
 }
@@ -37,6 +40,7 @@ impl Connection {
             local_ip: local.ip().to_canonical().to_string(),
             remote_ip: remote.ip().to_canonical().to_string(),
             http: Http1Connection::new(),
+            kernel_ids: None,
             next_seq: [None; 2],
         }
     }

@@ -207,7 +207,7 @@ impl Discovery {
     fn propagate_on_existing(&mut self, pid: u32, fd: u32) {
         let Some(socks) = self.kernel.inject_socks.as_mut() else { return };
         let added = borrow_socket(pid, fd).and_then(|socket| {
-            let cookie = socket_cookie(&socket)?;
+            let cookie = crate::probes::socket_cookie(socket.as_raw_fd())?;
             const BPF_NOEXIST: u64 = 1;
             socks.insert(cookie, socket.as_raw_fd(), BPF_NOEXIST).map_err(std::io::Error::other)
         });
@@ -331,17 +331,6 @@ fn borrow_socket(pid: u32, fd: u32) -> std::io::Result<OwnedFd> {
         }
         Ok(OwnedFd::from_raw_fd(socket as i32))
     }
-}
-
-/// SO_COOKIE: the id sock_ops and sk_msg see for the same socket.
-fn socket_cookie(socket: &OwnedFd) -> std::io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len)
-    };
-    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn exe_path(pid: u32) -> Option<PathBuf> {

@@ -36,6 +36,9 @@ pub enum ProbeError {
     /// No cgroup v2 hierarchy to attach sock_ops to (needed for propagation only).
     #[error("no cgroup v2 mount in /proc/mounts (propagation needs one)")]
     NoCgroup2,
+    /// This kernel's sockmap breaks FIONREAD on the sockets it holds (see `fionread_survives`).
+    #[error("this kernel's sockmap makes FIONREAD report 0 bytes on sockets it holds, which stalls applications that size reads with it (nginx upstreams): propagation stays off; `--propagation on` forces it for applications that do not use FIONREAD")]
+    UnsafeSockmap,
     /// The cgroup v2 root could not be opened.
     #[error("opening {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
@@ -74,6 +77,16 @@ const HOOKS: &[(&str, &str, &str)] = &[
     ("zt_exit_data", "syscalls", "sys_exit_sendfile64"),
     ("zt_exit_data", "syscalls", "sys_exit_splice"),
 ];
+
+/// Whether outgoing requests get a `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Propagation {
+    /// On where this kernel passes the safety self-test (default).
+    Auto,
+    /// On even where the self-test fails.
+    On,
+    Off,
+}
 
 /// Which processes the kernel traces.
 #[derive(Debug, Clone, Copy)]
@@ -121,9 +134,10 @@ impl Probes {
     /// error says why).
     pub fn load_and_attach(
         scope: Scope,
-        propagate: bool,
+        propagation: Propagation,
         sampler: Sampler,
     ) -> Result<(Self, KernelMaps, Option<ProbeError>), ProbeError> {
+        let propagate = propagation != Propagation::Off;
         Self::check()?;
         let mounted_tracefs = mount_tracefs()?;
         let offsets = offsets::resolve()?;
@@ -147,7 +161,7 @@ impl Probes {
                 other => ProbeError::Load(other),
             })?;
         attach_all(&mut ebpf)?;
-        let propagation_error = if propagate { attach_propagation(&mut ebpf).err() } else { None };
+        let propagation_error = if propagate { attach_propagation(&mut ebpf, propagation).err() } else { None };
         let mut maps = take_maps(&mut ebpf)?;
         if propagate && propagation_error.is_none() {
             maps.inject_socks = Some(take(&mut ebpf, names::INJECT_SOCKS)?);
@@ -195,17 +209,24 @@ fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 /// sk_msg on the injection sockhash, sock_ops on the cgroup v2 root. The links are owned by the
 /// programs, so dropping the object (or the agent dying) detaches both: nothing keeps altering
 /// traffic without the agent.
-fn attach_propagation(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+fn attach_propagation(ebpf: &mut Ebpf, mode: Propagation) -> Result<(), ProbeError> {
     let err = |program, tracepoint: &str| {
         let tracepoint = tracepoint.to_owned();
         move |source| ProbeError::Program { program, tracepoint, source }
     };
-    let map = ebpf.map(names::INJECT_SOCKS).ok_or(ProbeError::Map {
+    let map = ebpf.map_mut(names::INJECT_SOCKS).ok_or(ProbeError::Map {
         name: names::INJECT_SOCKS,
         source: aya::maps::MapError::InvalidName { name: names::INJECT_SOCKS.into() },
     })?;
-    let socks = SockHash::<_, u64>::try_from(map).map_err(|source| ProbeError::Map { name: names::INJECT_SOCKS, source })?;
+    let mut socks =
+        SockHash::<_, u64>::try_from(map).map_err(|source| ProbeError::Map { name: names::INJECT_SOCKS, source })?;
     let socks_fd = socks.fd().try_clone().map_err(|e| ProbeError::Cgroup { path: names::INJECT_SOCKS.into(), source: e })?;
+    match fionread_survives(&mut socks) {
+        Ok(true) => {}
+        Ok(false) if mode == Propagation::On => log::warn!("{}: forced on", ProbeError::UnsafeSockmap),
+        Ok(false) => return Err(ProbeError::UnsafeSockmap),
+        Err(e) => return Err(ProbeError::Cgroup { path: "FIONREAD self-test".into(), source: e }),
+    }
     let sk_msg: &mut SkMsg = program(ebpf, "zt_sk_msg")?.try_into().map_err(err("zt_sk_msg", "sockhash"))?;
     sk_msg.load().map_err(err("zt_sk_msg", "sockhash"))?;
     sk_msg.attach(&socks_fd).map_err(err("zt_sk_msg", "sockhash"))?;
@@ -218,6 +239,40 @@ fn attach_propagation(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     sock_ops.attach(cgroup, CgroupAttachMode::Single).map_err(err("zt_sock_ops", &root))?;
     log::info!("propagation: sock_ops on {root}, sk_msg on outgoing requests of traced processes");
     Ok(())
+}
+
+/// Does a socket held by the sockhash still report its queued bytes through FIONREAD? On some
+/// kernels the sockmap's ioctl counts only its own ingress queue, which is empty for us, so it says
+/// 0: programs that size their reads with FIONREAD (nginx reading an upstream) then wait forever.
+/// Checked on a loopback pair of the agent's own before any application socket is touched.
+fn fionread_survives(socks: &mut SockHash<&mut MapData, u64>) -> std::io::Result<bool> {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    let cookie = socket_cookie(client.as_raw_fd())?;
+    socks.insert(cookie, client.as_raw_fd(), 0).map_err(std::io::Error::other)?;
+    server.write_all(&[0u8; 100])?;
+    let mut poll = libc::pollfd { fd: client.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; bounded wait.
+    unsafe { libc::poll(&mut poll, 1, 1000) };
+    let mut queued: libc::c_int = 0;
+    // SAFETY: valid fd and out-pointer.
+    let rc = unsafe { libc::ioctl(client.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    let _ = socks.remove(&cookie);
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(queued == 100)
+}
+
+/// SO_COOKIE: the id sock_ops and sk_msg see for the same socket.
+pub fn socket_cookie(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid out-pointers of the right size; a bad fd is an error, not UB.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, ProbeError> {

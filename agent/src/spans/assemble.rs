@@ -180,11 +180,14 @@ impl Assembler {
     fn on_data(&mut self, meta: &DataMeta, ids: Option<&SpanIds>, payload: &[u8]) {
         let Some(conn) = self.conns.get_mut(meta.conn_id) else { return };
         let segment = conn.segment(meta, payload);
+        // The kernel's ids belong to the request that starts at this segment's first byte, which
+        // may be reported only once a later segment completes its head.
+        if let Some(ids) = ids {
+            conn.kernel_ids = Some((segment.first_byte_ns, *ids));
+        }
         conn.http.push(&segment, &mut self.outputs);
         let upgraded = conn.http.is_upgraded();
-        // The kernel's ids belong to the request that starts at this segment's first byte.
-        let kernel_ids = ids.map(|ids| (segment.first_byte_ns, *ids));
-        self.flush_outputs(meta.conn_id, meta.header.tid, kernel_ids);
+        self.flush_outputs(meta.conn_id, meta.header.tid);
         if upgraded {
             // WebSocket and other upgrades: nothing more to parse here.
             self.forget(meta.conn_id);
@@ -198,7 +201,7 @@ impl Assembler {
     fn close_conn(&mut self, conn_id: u64, ts_ns: u64) {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         conn.http.close(ts_ns, &mut self.outputs);
-        self.flush_outputs(conn_id, 0, None);
+        self.flush_outputs(conn_id, 0);
         self.forget(conn_id);
     }
 
@@ -226,11 +229,17 @@ impl Assembler {
         self.discovery.on_exit(pid);
     }
 
-    fn flush_outputs(&mut self, conn_id: u64, tid: u32, kernel_ids: Option<(u64, SpanIds)>) {
+    fn flush_outputs(&mut self, conn_id: u64, tid: u32) {
         for output in std::mem::take(&mut self.outputs) {
             match output {
                 Output::RequestStarted { id, head, start_ns } => {
-                    let ids = kernel_ids.filter(|(first_byte_ns, _)| *first_byte_ns == start_ns).map(|(_, ids)| ids);
+                    // Taken, not copied: a second request pipelined in the same segment shares the
+                    // start time but not the ids (the kernel decided them for the first).
+                    let ids = self
+                        .conns
+                        .get_mut(conn_id)
+                        .and_then(|c| c.kernel_ids.take_if(|(first_byte_ns, _)| *first_byte_ns == start_ns))
+                        .map(|(_, ids)| ids);
                     self.start_exchange(conn_id, id, head, start_ns, tid, ids)
                 }
                 Output::ExchangeEnded { id, response, end_ns, outcome } => {

@@ -43,7 +43,10 @@ pub struct ConnState {
     pub protocol: u8,
     /// Per direction: the previous segment was a small captured one, so the next may continue a head.
     pub capture_next: [u8; 2],
-    pub _pad: [u8; 4],
+    /// A client sent a request and has not read a byte of the answer yet: its next sends are that
+    /// request's body, which propagation must never touch.
+    pub request_outstanding: u8,
+    pub _pad: [u8; 3],
 }
 
 /// How the exit program finds the bytes of a call ([`InFlight::buffer`]).

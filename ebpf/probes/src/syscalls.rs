@@ -133,7 +133,8 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let len = ret as u64;
     let (data, avail) = user_bytes(&call, len);
     let prefix = read_prefix(data, avail);
-    if conn.protocol == protocol::UNKNOWN && avail > 0 {
+    // Classify once, from enough bytes: a shorter first read ("GE") is not yet evidence either way.
+    if conn.protocol == protocol::UNKNOWN && (avail >= 8 || is_http_start(&prefix)) {
         conn.protocol = if is_http_start(&prefix) { protocol::HTTP1 } else { protocol::OTHER };
     }
     let dir = (call.direction & 1) as usize;
@@ -156,6 +157,14 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         captured: 0,
     };
     let moment = span_moment(conn.role, call.direction, &prefix);
+    if conn.role == role::CLIENT {
+        if moment == Moment::ClientRequest {
+            conn.request_outstanding = 1;
+        } else if call.direction == direction::INGRESS && is_final_response_start(&prefix, data, avail) {
+            // Only a final response ends the exchange: after "100 Continue" the body still follows.
+            conn.request_outstanding = 0;
+        }
+    }
     if moment == Moment::ServerResponse {
         context::server_responded(pid_tgid);
     }
@@ -216,11 +225,28 @@ fn first_iovec(vec: u64) -> (u64, u64) {
 
 #[inline(always)]
 fn read_prefix(data: u64, avail: u64) -> [u8; 8] {
-    if data == 0 || avail < 8 {
-        return [0; 8];
+    let mut prefix = [0u8; 8];
+    if data == 0 || avail == 0 {
+        return prefix;
+    }
+    // A head may arrive a few bytes at a time ("GET " alone): read what there is, up to 8.
+    let size = if avail < 8 { avail as u32 } else { 8 };
+    // SAFETY: size <= 8 = the buffer's length; the read faults safely.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(prefix.as_mut_ptr().cast(), size, data as *const _)
+    };
+    if rc != 0 { [0; 8] } else { prefix }
+}
+
+/// `HTTP/1.x NNN` with a status that is not 1xx (the status's first digit is byte 9).
+#[inline(always)]
+fn is_final_response_start(prefix: &[u8; 8], data: u64, avail: u64) -> bool {
+    if !is_http_response_start(prefix) || avail < 10 {
+        return false;
     }
     // SAFETY: probe read faults safely.
-    unsafe { bpf_probe_read_user(data as *const [u8; 8]) }.unwrap_or([0; 8])
+    let digit: u8 = unsafe { bpf_probe_read_user((data + 9) as *const u8) }.unwrap_or(b'1');
+    digit != b'1'
 }
 
 #[inline(always)]
