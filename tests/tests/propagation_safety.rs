@@ -444,6 +444,7 @@ fn nginx_reverse_proxy_moves_10_mb_each_way_intact_and_without_stalling() {
     // way nothing may stall or change.
     let agent = Agent::start(&pid_args(&nginx.pids()), None);
     let propagating = agent.metric_sum("zerotel_propagation_enabled") == 1;
+    eprintln!("propagation enabled by the agent's self-test: {propagating}");
     // Let upstream connections nginx opened before the agent attached expire (keepalive_timeout
     // 1s), so every traced request goes over a connection the agent saw being made.
     std::thread::sleep(Duration::from_millis(1500));

@@ -7,7 +7,7 @@ use std::{ffi::CString, path::Path};
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SockOps, TracePoint},
+    programs::{CgroupAttachMode, SkMsg, SkSkb, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
 use zerotel_abi::{names, ConnState, InFlight, Sampler};
@@ -206,7 +206,15 @@ fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// sk_msg on the injection sockhash, sock_ops on the cgroup v2 root. The links are owned by the
+fn inject_socks(ebpf: &mut Ebpf) -> Result<SockHash<&mut MapData, u64>, ProbeError> {
+    let name = names::INJECT_SOCKS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+    SockHash::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+/// sk_skb verdict and sk_msg on the injection sockhash, sock_ops on the cgroup v2 root. The links are owned by the
 /// programs, so dropping the object (or the agent dying) detaches both: nothing keeps altering
 /// traffic without the agent.
 fn attach_propagation(ebpf: &mut Ebpf, mode: Propagation) -> Result<(), ProbeError> {
@@ -214,13 +222,16 @@ fn attach_propagation(ebpf: &mut Ebpf, mode: Propagation) -> Result<(), ProbeErr
         let tracepoint = tracepoint.to_owned();
         move |source| ProbeError::Program { program, tracepoint, source }
     };
-    let map = ebpf.map_mut(names::INJECT_SOCKS).ok_or(ProbeError::Map {
-        name: names::INJECT_SOCKS,
-        source: aya::maps::MapError::InvalidName { name: names::INJECT_SOCKS.into() },
-    })?;
-    let mut socks =
-        SockHash::<_, u64>::try_from(map).map_err(|source| ProbeError::Map { name: names::INJECT_SOCKS, source })?;
-    let socks_fd = socks.fd().try_clone().map_err(|e| ProbeError::Cgroup { path: names::INJECT_SOCKS.into(), source: e })?;
+    let socks_fd = inject_socks(ebpf)?
+        .fd()
+        .try_clone()
+        .map_err(|e| ProbeError::Cgroup { path: names::INJECT_SOCKS.into(), source: e })?;
+    // Before the self-test: the verdict program is what keeps FIONREAD right on kernels that
+    // answer it from the sockmap's queue.
+    let verdict: &mut SkSkb = program(ebpf, "zt_skb_verdict")?.try_into().map_err(err("zt_skb_verdict", "sockhash"))?;
+    verdict.load().map_err(err("zt_skb_verdict", "sockhash"))?;
+    verdict.attach(&socks_fd).map_err(err("zt_skb_verdict", "sockhash"))?;
+    let mut socks = inject_socks(ebpf)?;
     match fionread_survives(&mut socks) {
         Ok(true) => {}
         Ok(false) if mode == Propagation::On => log::warn!("{}: forced on", ProbeError::UnsafeSockmap),

@@ -13,8 +13,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_socket_cookie, bpf_msg_pull_data},
     },
-    macros::{sk_msg, sock_ops},
-    programs::{SkMsgContext, SockOpsContext},
+    macros::{sk_msg, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use zerotel_abi::{buffer, conn_key, direction, protocol, role, SpanIds};
 
@@ -66,6 +66,15 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// sk_skb verdict on INJECT_SOCKS: everything received passes, into the socket's own psock queue.
+/// Why: once a socket is in a sockhash, some kernels answer FIONREAD from that queue only; with
+/// this program received bytes land there, so FIONREAD counts them again (the agent's start-up
+/// self-test checks it). Nothing is dropped or redirected.
+#[stream_verdict]
+pub fn zt_skb_verdict(_ctx: SkBuffContext) -> u32 {
+    SK_PASS
 }
 
 /// sk_msg on INJECT_SOCKS: every sendmsg/write of those sockets, in the sending thread.
