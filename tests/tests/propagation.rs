@@ -166,6 +166,77 @@ fn after_sigkill_nothing_alters_traffic() {
     assert!(output.status.success(), "the application keeps working after SIGKILL");
     let body = String::from_utf8_lossy(&output.stdout);
     assert!(traceparents(&body).is_empty(), "no program left attached altering traffic: {body}");
+    drop(agent);
+
+    // Restarting the agent resumes tracing and propagation.
+    let (body, receiver, pid) = traced_curl(&[], &echo.url("/headers"), &[]);
+    assert_eq!(traceparents(&body).len(), 1, "propagation resumes after a restart: {body}");
+    assert!(receiver.spans().iter().any(|s| s.kind == SpanKind::Client && s.pid() == Some(pid)), "tracing resumes");
+}
+
+#[test]
+fn postgresql_wire_traffic_passes_unchanged() {
+    if !require_kernel() {
+        return;
+    }
+    let Some(pg) = Postgres::start() else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "PostgreSQL 15 is needed in CI (apt postgresql)");
+        return;
+    };
+    // A traced psql runs queries whose text and results start like HTTP requests: the wire
+    // protocol must pass byte for byte (the connection is classified as not HTTP).
+    let sql = "SELECT 'GET / HTTP/1.1' || chr(13) || chr(10) || repeat('x', 5000) AS r; SELECT sum(g) FROM generate_series(1, 100000) g;";
+    let port = pg.port.to_string();
+    let client = paused_client(&["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-c", sql]);
+    let _agent = Agent::start(&propagating_pid_args(&[client.pid()]), None);
+    let output = client.release();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "psql failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains(&format!("GET / HTTP/1.1\r\n{}", "x".repeat(5000))), "query result altered: {stdout:.200}");
+    assert!(stdout.contains("5000050000"), "second result: {stdout:.200}");
+}
+
+/// A throwaway PostgreSQL 15 cluster on 127.0.0.1 (apt's binaries, run as the postgres user).
+struct Postgres {
+    port: u16,
+    dir: TempDir,
+}
+
+impl Postgres {
+    fn start() -> Option<Postgres> {
+        let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+        if !bin.join("initdb").exists() {
+            return None;
+        }
+        let dir = TempDir::new("pg");
+        let data = dir.join("data");
+        let port = zerotel_tests::util::free_port();
+        let as_postgres = |args: &str| {
+            let status = std::process::Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", args])
+                .status()
+                .expect("run su postgres");
+            assert!(status.success(), "postgres command failed: {args}");
+        };
+        std::process::Command::new("chown").args(["-R", "postgres", &dir.path().display().to_string()]).status().ok();
+        as_postgres(&format!("{}/initdb -D {} -U postgres --auth=trust >/dev/null", bin.display(), data.display()));
+        as_postgres(&format!(
+            "{}/pg_ctl -D {} -o \"-c listen_addresses=127.0.0.1 -p {port} -k {}\" -w -l {}/log start >/dev/null",
+            bin.display(),
+            data.display(),
+            data.display(),
+            dir.path().display()
+        ));
+        Some(Postgres { port, dir })
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let stop = format!("/usr/lib/postgresql/15/bin/pg_ctl -D {} -m immediate -w stop >/dev/null", data.display());
+        let _ = std::process::Command::new("su").args(["postgres", "-s", "/bin/sh", "-c", &stop]).status();
+    }
 }
 
 #[test]

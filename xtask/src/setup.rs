@@ -20,7 +20,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
 /// Commands the integration tests and benches drive, and the Debian packages providing them.
-const PEER_CMDS: &[&str] = &["nginx", "wrk", "curl", "h2load", "hyperfine", "go"];
+const PEER_CMDS: &[&str] = &["nginx", "wrk", "curl", "h2load", "hyperfine", "go", "pg_ctlcluster"];
 const PEER_PKGS: &[&str] = &[
     "nginx",
     "wrk",
@@ -30,6 +30,8 @@ const PEER_PKGS: &[&str] = &[
     "hyperfine",
     // Go net/http is one of the three runtimes of the propagation end-to-end test.
     "golang-go",
+    // A real PostgreSQL server: wire traffic must pass propagation untouched.
+    "postgresql",
 ];
 /// Preinstalled on the platform; we only check them.
 const PREINSTALLED: &[(&str, &str)] = &[
