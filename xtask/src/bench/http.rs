@@ -67,22 +67,10 @@ impl Scenario for Http {
             "bench http: nginx master {} workers {:?} on {url}",
             nginx.master, nginx.workers
         );
-        let saturate = |duration_s| Load {
-            threads: a.threads,
-            connections: a.connections,
-            duration_s,
-            url: &url,
-        };
-        let fixed_rate = RateLoad {
-            addr: SocketAddr::from(([127, 0, 0, 1], nginx.port)),
-            path: &a.path,
-            rate: a.rate,
-            connections: a.connections,
-            duration_s: a.rate_duration(),
-        };
-        if a.warmup > 0 {
-            wrk::run(&wrk_bin, &saturate(a.warmup)).context("warm-up load failed")?;
-        }
+        let loads = Loads { args: a, url: &url, port: nginx.port };
+        let saturate = |duration_s| loads.saturate(duration_s);
+        let fixed_rate = loads.fixed_rate();
+        loads.warm_up(&wrk_bin)?;
         let tracer = match ctx.agent {
             Some(exe) => Some(Tracer::new(
                 exe,
@@ -115,6 +103,38 @@ trait LoadStats: Serialize {
     fn p50_us(&self) -> f64;
     fn p99_us(&self) -> f64;
     fn errors(&self) -> u64;
+}
+
+/// The two loads every http scenario offers a server on 127.0.0.1:`port`: wrk at saturation and
+/// the open-loop fixed-rate client.
+pub(super) struct Loads<'a> {
+    pub args: &'a BenchArgs,
+    pub url: &'a str,
+    pub port: u16,
+}
+
+impl<'a> Loads<'a> {
+    pub fn saturate(&self, duration_s: u64) -> Load<'a> {
+        Load { threads: self.args.threads, connections: self.args.connections, duration_s, url: self.url }
+    }
+
+    pub fn fixed_rate(&self) -> RateLoad<'a> {
+        RateLoad {
+            addr: SocketAddr::from(([127, 0, 0, 1], self.port)),
+            path: &self.args.path,
+            rate: self.args.rate,
+            connections: self.args.connections,
+            duration_s: self.args.rate_duration(),
+        }
+    }
+
+    /// Warm the server (and page cache) up before the measured rounds, when asked.
+    pub fn warm_up(&self, wrk_bin: &std::path::Path) -> Result<()> {
+        if self.args.warmup > 0 {
+            wrk::run(wrk_bin, &self.saturate(self.args.warmup)).context("warm-up load failed")?;
+        }
+        Ok(())
+    }
 }
 
 impl LoadStats for WrkResult {

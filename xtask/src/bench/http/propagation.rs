@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::{
     max_agent, med, med_agent_in, num, p50, p99, rate, ratio_of, requests_of, round, rps, table_of,
-    wrk, AgentRound, Cmp, Hooks, LoadStats, Mode, RateLoad, RateResult, Round, Target, Tracer,
+    wrk, AgentRound, Cmp, Hooks, LoadStats, Mode, RateResult, Round, Target, Tracer,
     WrkResult, UNTRACED,
 };
 use crate::{
@@ -104,22 +104,10 @@ pub fn run(ctx: &Ctx) -> Result<Report> {
         "bench http --propagation: nginx A (proxy) master {} workers {:?} on {url} -> nginx B master {} workers {:?} on port {}",
         proxy.master, proxy.workers, backend.master, backend.workers, backend.port
     );
-    let saturate = |duration_s| wrk::Load {
-        threads: a.threads,
-        connections: a.connections,
-        duration_s,
-        url: &url,
-    };
-    let fixed_rate = RateLoad {
-        addr: SocketAddr::from(([127, 0, 0, 1], proxy.port)),
-        path: &a.path,
-        rate: a.rate,
-        connections: a.connections,
-        duration_s: a.rate_duration(),
-    };
-    if a.warmup > 0 {
-        wrk::run(&wrk_bin, &saturate(a.warmup)).context("warm-up load failed")?;
-    }
+    let loads = super::Loads { args: a, url: &url, port: proxy.port };
+    let saturate = |duration_s| loads.saturate(duration_s);
+    let fixed_rate = loads.fixed_rate();
+    loads.warm_up(&wrk_bin)?;
     let pids: Vec<u32> = proxy.pids().into_iter().chain(backend.pids()).collect();
     let tracer = match ctx.agent {
         Some(exe) => Some(Tracer::new(exe, pids, &a.agent_args, tmp.path().into())?),
