@@ -2,6 +2,7 @@
 //! the kernel's TRACED_PIDS kept in step, connections that already existed seeded from procfs, and
 //! each process's resource cached while it lives.
 
+pub mod cgroup;
 pub mod resource;
 
 use std::{

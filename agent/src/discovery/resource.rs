@@ -61,6 +61,13 @@ pub fn for_process(pid: u32, base: &BaseResource, comm: Option<&str>) -> Resourc
     if let Some(path) = exe {
         set(&mut attributes, "process.executable.path".into(), path.to_string_lossy().into_owned().into());
     }
+    let container = super::cgroup::for_pid(pid);
+    if let Some(id) = container.container_id {
+        set(&mut attributes, "container.id".into(), id.into());
+    }
+    if let Some(uid) = container.pod_uid {
+        set(&mut attributes, "k8s.pod.uid".into(), uid.into());
+    }
     Resource { attributes }
 }
 
