@@ -266,6 +266,7 @@ fn ensure_peers() -> Result<()> {
             bail!("`{cmd}` is not installed: {hint}");
         }
     }
+    ensure_pip_peers()?;
     let missing: Vec<&str> = PEER_CMDS
         .iter()
         .copied()
@@ -290,6 +291,25 @@ fn ensure_peers() -> Result<()> {
         .collect();
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(", "));
+    }
+    Ok(())
+}
+
+/// Validates the deploy/ manifests offline against real Kubernetes schemas (PyPI).
+const PIP_PEERS: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate==1.37.0")];
+
+fn ensure_pip_peers() -> Result<()> {
+    for (cmd, requirement) in PIP_PEERS {
+        if find_cmd(cmd).is_some() {
+            continue;
+        }
+        eprintln!("setup: missing {cmd}: installing {requirement} with pip");
+        run_checked(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement])).with_context(|| {
+            format!("installing {requirement} with pip failed: install it by hand (python3 -m pip install '{requirement}')")
+        })?;
+        if find_cmd(cmd).is_none() {
+            bail!("{cmd} is still not on PATH after pip install: add pip's script directory to PATH");
+        }
     }
     Ok(())
 }
