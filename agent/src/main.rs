@@ -4,6 +4,7 @@
 //! metadata) -> export (OTLP or console), stages joined by bounded queues.
 
 mod capture;
+mod clock;
 mod config;
 mod conn;
 mod context;

@@ -16,8 +16,8 @@ pub struct RemoteParent {
     pub trace_state: String,
 }
 
-/// Sampled flag for roots we start (always-on sampling in this version).
-pub const SAMPLED: u8 = 0x01;
+/// The W3C sampled flag: one definition, shared with the kernel.
+pub use zerotel_abi::SAMPLED;
 
 /// Pick the parent from lowercased header (name, value) pairs.
 pub fn extract(headers: &[(String, String)]) -> Option<RemoteParent> {

@@ -307,14 +307,7 @@ pub fn blocked_call(text: &str) -> Option<InFlight> {
         _ => return None,
     };
     let fd = u32::try_from(fd).ok()?;
-    Some(InFlight { buf, start_ns: monotonic_now_ns(), fd, direction: dir, buffer: kind, _pad: [0; 2] })
-}
-
-fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+    Some(InFlight { buf, start_ns: u64::try_from(crate::clock::now_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0), fd, direction: dir, buffer: kind, _pad: [0; 2] })
 }
 
 /// A duplicate of `fd` of process `pid` (needs ptrace rights over it: root has them).

@@ -6,10 +6,11 @@ use std::{sync::Arc, time::Duration};
 use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
-use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, Sampler, SpanIds, SAMPLED};
+use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, Sampler, SpanIds};
 
 use crate::{
     capture::CapturedEvent,
+    clock,
     conn::{socket_addr, ConnTable, Connection},
     context::{self, RemoteParent},
     discovery::{Discovery, SeededConn},
@@ -291,7 +292,7 @@ impl Assembler {
             self.telemetry.exchanges_desynchronised.inc();
             return;
         }
-        if exchange.lineage.flags & SAMPLED == 0 {
+        if exchange.lineage.flags & context::SAMPLED == 0 {
             self.telemetry.spans_unsampled.inc();
             return;
         }
@@ -331,13 +332,7 @@ impl Assembler {
 }
 
 fn mono_to_unix_offset() -> i128 {
-    let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: valid clock id and out-pointer.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-    };
-    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+    clock::now_ns(libc::CLOCK_REALTIME) - clock::now_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// How often port selectors are re-applied.
