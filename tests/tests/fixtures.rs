@@ -1,8 +1,11 @@
 //! Self-tests of the fixtures (no agent, no root needed): the servers answer
-//! as the agent tests expect, clients report what they should, and the OTLP
-//! receiver decodes both transports.
+//! as the agent tests expect, clients report what they should, the OTLP
+//! receiver decodes both transports, and the fake Kubernetes API lists,
+//! watches and serves objects like a kube-apiserver.
 
 use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -11,10 +14,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
 use prost::Message;
 use zerotel_tests::clients::{parse_curl_output, parse_urllib_output, KeepAliveClient};
-use zerotel_tests::util::TempDir;
+use zerotel_tests::kube_api::{pod, replica_set, ContainerSpec, PodSpec};
+use zerotel_tests::util::{http_get, TempDir};
 use zerotel_tests::{
-    curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, Nginx, NodeServer, OtlpReceiver,
-    Protocol, PyServer, SpanKind, Value, SPAN_TIMEOUT,
+    curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, FakeKubeApi, Nginx, NodeServer,
+    OtlpReceiver, Protocol, PyServer, SpanKind, Value, SPAN_TIMEOUT,
 };
 
 #[test]
@@ -161,4 +165,97 @@ fn otlp_receiver_accepts_http_protobuf() {
     let extra = ["-H", "Content-Type: application/x-protobuf", "--data-binary", &data];
     assert_eq!(curl(&receiver.endpoint(), &extra).status, 200);
     assert_sample_received(&receiver);
+}
+
+/// A pod of namespace `shop` owned by ReplicaSet `web-5d8f7c9b4`, on `node`.
+fn shop_pod(name: &str, uid: &str, node: &str) -> serde_json::Value {
+    let container_id = "ab".repeat(32);
+    let containers = [ContainerSpec { name: "app", container_id: &container_id, env: &[("OTEL_SERVICE_NAME", name)] }];
+    pod(&PodSpec {
+        namespace: "shop",
+        name,
+        uid,
+        node,
+        labels: &[("app", name)],
+        owner: Some(("ReplicaSet", "web-5d8f7c9b4")),
+        containers: &containers,
+    })
+}
+
+/// GETs `path` from the fake API and parses the JSON body; returns (status, body).
+fn kube_get(api: &FakeKubeApi, path: &str) -> (u16, serde_json::Value) {
+    let response = http_get(api.addr(), path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let body = serde_json::from_str(&response.body).unwrap_or_else(|e| panic!("GET {path}: {e}: {:?}", response.body));
+    (response.status, body)
+}
+
+fn item_names(list: &serde_json::Value) -> Vec<&str> {
+    let items = list["items"].as_array().unwrap_or_else(|| panic!("no items in {list}"));
+    items.iter().map(|item| item["metadata"]["name"].as_str().unwrap_or("<no name>")).collect()
+}
+
+/// (type, metadata.name) of each line of a watch response body.
+fn watch_events(body: &str) -> Vec<(String, String)> {
+    let event = |line: &str| {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("watch line {line:?}: {e}"));
+        let name = json["object"]["metadata"]["name"].as_str().unwrap_or("").to_string();
+        (json["type"].as_str().unwrap_or("").to_string(), name)
+    };
+    body.lines().map(event).collect()
+}
+
+#[test]
+fn fake_kube_api_lists_watches_and_gets_like_an_apiserver() {
+    let api = FakeKubeApi::start();
+    api.upsert_pod(shop_pod("web-1", "uid-web-1", "node-a"));
+    api.upsert_pod(shop_pod("db-1", "uid-db-1", "node-b"));
+    api.put_object(replica_set("shop", "web-5d8f7c9b4", "uid-rs", Some("web")));
+
+    // What kube-rs 5's watcher sends first (ListWatch, page size 500).
+    let (status, list) = kube_get(&api, "/api/v1/pods?&fieldSelector=spec.nodeName%3Dnode-a&limit=500");
+    assert_eq!((status, list["kind"].as_str()), (200, Some("PodList")), "{list}");
+    assert_eq!(item_names(&list), ["web-1"], "only node-a's pods: {list}");
+    assert!(list["items"][0]["metadata"]["resourceVersion"].is_string(), "{list}");
+    let version = list["metadata"]["resourceVersion"].as_str().unwrap_or_else(|| panic!("no resourceVersion: {list}"));
+
+    // Then a watch from the list's version; it ends after timeoutSeconds.
+    let watch_path = format!(
+        "/api/v1/pods?&watch=true&timeoutSeconds=1&fieldSelector=spec.nodeName%3Dnode-a&allowWatchBookmarks=true&resourceVersion={version}"
+    );
+    let addr = api.addr();
+    let started = Instant::now();
+    let watch = thread::spawn(move || http_get(addr, &watch_path));
+    api.wait_for_request("watch", |line| line.contains("watch=true"), Duration::from_secs(1));
+    api.upsert_pod(shop_pod("web-2", "uid-web-2", "node-a"));
+    api.upsert_pod(shop_pod("db-2", "uid-db-2", "node-b"));
+    let response = watch.join().expect("watch thread").expect("watch request");
+    assert!(started.elapsed() >= Duration::from_secs(1), "the watch ended before timeoutSeconds");
+    assert_eq!(response.status, 200);
+    assert_eq!(watch_events(&response.body), [("ADDED".to_string(), "web-2".to_string())], "{}", response.body);
+
+    let (status, rs) = kube_get(&api, "/apis/apps/v1/namespaces/shop/replicasets/web-5d8f7c9b4");
+    assert_eq!((status, rs["metadata"]["ownerReferences"][0]["name"].as_str()), (200, Some("web")), "{rs}");
+    let (status, missing) = kube_get(&api, "/apis/batch/v1/namespaces/shop/jobs/nightly");
+    assert_eq!((status, missing["kind"].as_str(), missing["reason"].as_str()), (404, Some("Status"), Some("NotFound")));
+    assert_eq!(missing["message"], "jobs.batch \"nightly\" not found", "{missing}");
+    assert!(
+        api.requests().iter().any(|line| line.starts_with("GET /api/v1/pods?&fieldSelector=")),
+        "{:?}",
+        api.requests()
+    );
+}
+
+#[test]
+fn fake_kube_api_outage_closes_watches_and_answers_500() {
+    let api = FakeKubeApi::start();
+    let addr = api.addr();
+    let watch = thread::spawn(move || http_get(addr, "/api/v1/pods?watch=1&resourceVersion=0"));
+    api.wait_for_request("watch", |line| line.contains("watch=1"), Duration::from_secs(1));
+    api.set_unavailable(true);
+    let response = watch.join().expect("watch thread").expect("watch request");
+    assert_eq!((response.status, response.body.as_str()), (200, ""), "the open watch just ends");
+    let (status, body) = kube_get(&api, "/api/v1/pods");
+    assert_eq!((status, body["code"].as_u64()), (500, Some(500)), "{body}");
+    api.set_unavailable(false);
+    assert_eq!(kube_get(&api, "/api/v1/pods").0, 200);
 }
