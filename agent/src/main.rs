@@ -10,6 +10,7 @@ mod conn;
 mod context;
 mod discovery;
 mod export;
+mod kubernetes;
 mod probes;
 mod protocols;
 mod spans;
@@ -39,14 +40,21 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Batches queued between stages.
 const QUEUE_BATCHES: usize = 256;
+/// Pod updates queued from the Kubernetes watch to discovery.
+const POD_UPDATES: usize = 1024;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // kube_client logs each failed request; the pod watch reports them once, with context.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,kube_client=off")).init();
     let env = |name: &str| std::env::var(name).ok();
     let config = match Config::from_cli(Cli::parse(), &env) {
         Ok(config) => config,
         Err(e) => return fail(&anyhow::Error::new(e)),
     };
+    if config.check_only {
+        print!("{}", config.describe());
+        return ExitCode::SUCCESS;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     match runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(config, &env))) {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,7 +92,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let server = tokio::spawn(telemetry::serve(listener, telemetry.clone()));
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let scope = if config.selector.is_empty() { Scope::All } else { Scope::Selected };
+    let scope = if config.selection.traces_everything() { Scope::All } else { Scope::Selected };
     let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
     let propagating = config.propagation != probes::Propagation::Off && propagation_error.is_none();
     telemetry.propagation.store(propagating, std::sync::atomic::Ordering::Relaxed);
@@ -99,7 +107,12 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
         in_flight: maps.in_flight,
         inject_socks: maps.inject_socks,
     };
-    let discovery = Discovery::new(config.selector, kernel, BaseResource::from_env(env));
+    let (pods_tx, pods_rx) = mpsc::channel(POD_UPDATES);
+    let watching = match &config.kubernetes {
+        Some(settings) => start_pod_watch(settings, pods_tx, telemetry.clone(), config.selection.includes_by_kubernetes()).await?,
+        None => false,
+    };
+    let discovery = Discovery::new(config.selection, watching, kernel, BaseResource::from_env(env), telemetry.clone());
     let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler);
     assembler.initial_scan();
 
@@ -107,7 +120,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let (spans_tx, spans_rx) = mpsc::channel(QUEUE_BATCHES);
     let (stop_tx, stop_rx) = watch::channel(false);
     let capture = tokio::spawn(capture::run(maps.events, events_tx, telemetry.clone(), stop_rx));
-    let assemble = tokio::spawn(assemble::run(assembler, events_rx, spans_tx));
+    let assemble = tokio::spawn(assemble::run(assembler, events_rx, pods_rx, spans_tx));
     let export = tokio::spawn(export::run(config.export, spans_rx, telemetry.export.clone()));
 
     // Loading parsed the object file and BTF: hand that memory back before settling down.
@@ -134,4 +147,26 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     }
     server.abort();
     Ok(())
+}
+
+/// Start the watch of this node's pods; false (tracing without pod metadata) when the API
+/// settings are missing and no rule needs them.
+async fn start_pod_watch(
+    settings: &kubernetes::KubeSettings,
+    tx: mpsc::Sender<kubernetes::PodUpdate>,
+    telemetry: Arc<Telemetry>,
+    required: bool,
+) -> anyhow::Result<bool> {
+    match kubernetes::client(settings).await {
+        Ok(client) => {
+            log::info!("watching the pods of node {} for metadata", settings.node_name);
+            tokio::spawn(kubernetes::watch_pods(client, settings.node_name.clone(), tx, telemetry));
+            Ok(true)
+        }
+        Err(e) if required => Err(anyhow::Error::new(e).context("rules need pod metadata (pass --kubeconfig, or run in a pod with a service account)")),
+        Err(e) => {
+            log::warn!("no pod metadata, tracing goes on without it: {e}");
+            Ok(false)
+        }
+    }
 }

@@ -63,6 +63,13 @@ pub struct Telemetry {
     pub ready: AtomicBool,
     /// `traceparent` is being inserted into outgoing requests.
     pub propagation: AtomicBool,
+    /// Discovery: processes selected now, and waiting for their pod's metadata (gauges).
+    pub processes_traced: AtomicU64,
+    pub processes_pending: AtomicU64,
+    /// Kubernetes: pods of this node known (gauge), the first list is complete, watch errors.
+    pub k8s_pods: AtomicU64,
+    pub k8s_synced: AtomicBool,
+    pub k8s_watch_errors: Counter,
     /// The kernel's per-CPU counters (lost events), read at scrape time.
     pub kernel: Mutex<Option<PerCpuArray<MapData, u64>>>,
 }
@@ -92,6 +99,8 @@ impl Telemetry {
         counter("zerotel_events_lost_total", "Events the kernel could not queue (ring buffer full).", &[("", lost)]);
         let failed = self.kernel_counter(zerotel_abi::counters::CAPTURE_FAILED);
         counter("zerotel_capture_failed_total", "Payload reads that failed in the kernel.", &[("", failed)]);
+        let traffic = self.kernel_counter(zerotel_abi::counters::TRAFFIC_EVENTS);
+        counter("zerotel_kernel_traffic_events_total", "Connection and data events the kernel queued for traced processes.", &[("", traffic)]);
         counter("zerotel_decode_errors_total", "Kernel records that did not decode.", &[("", self.decode_errors.get())]);
         counter(
             "zerotel_spans_total",
@@ -114,16 +123,21 @@ impl Telemetry {
         let dropped = self.export.dropped.load(Ordering::Relaxed) + self.spans_queue_full.get();
         counter("zerotel_spans_dropped_total", "Spans dropped: export queue full or export failed.", &[("", dropped)]);
         counter("zerotel_export_errors_total", "Failed export calls.", &[("", self.export.errors.load(Ordering::Relaxed))]);
-        let _ = writeln!(
-            out,
-            "# HELP zerotel_connections Connections tracked now.\n# TYPE zerotel_connections gauge\nzerotel_connections {}",
-            self.connections.load(Ordering::Relaxed)
+        counter("zerotel_k8s_watch_errors_total", "Kubernetes pod watch errors (it retries).", &[("", self.k8s_watch_errors.get())]);
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge("zerotel_connections", "Connections tracked now.", self.connections.load(Ordering::Relaxed));
+        let propagating = u64::from(self.propagation.load(Ordering::Relaxed));
+        gauge("zerotel_propagation_enabled", "1 when traceparent is inserted into outgoing requests.", propagating);
+        gauge("zerotel_processes_traced", "Processes selected for tracing now.", self.processes_traced.load(Ordering::Relaxed));
+        gauge(
+            "zerotel_processes_pending",
+            "Processes waiting for their pod's metadata to be selected or excluded.",
+            self.processes_pending.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP zerotel_propagation_enabled 1 when traceparent is inserted into outgoing requests.\n# TYPE zerotel_propagation_enabled gauge\nzerotel_propagation_enabled {}",
-            u8::from(self.propagation.load(Ordering::Relaxed))
-        );
+        gauge("zerotel_k8s_pods", "Pods of this node known from the Kubernetes API.", self.k8s_pods.load(Ordering::Relaxed));
+        gauge("zerotel_k8s_synced", "1 once the first list of this node's pods arrived.", u64::from(self.k8s_synced.load(Ordering::Relaxed)));
         out
     }
 }

@@ -18,13 +18,17 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Environment the agent reads as settings; removed so each test controls
 /// the agent through its command line only.
-const INHERITED_SETTINGS: [&str; 6] = [
+const INHERITED_SETTINGS: &[&str] = &[
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "OTEL_SERVICE_NAME",
     "ZEROTEL_LISTEN",
+    "ZEROTEL_CONFIG",
+    "ZEROTEL_K8S_NAMESPACE",
+    "NODE_NAME",
+    "KUBECONFIG",
 ];
 
 /// The agent binary: `$ZEROTEL_BIN`, else `<workspace>/target/debug/zerotel`.
@@ -192,7 +196,13 @@ fn tail(text: &str, max_bytes: usize) -> &str {
 /// for it to exit on its own, e.g. on invalid arguments. Panics if it is
 /// still running then.
 pub fn run_until_exit(args: &[String], timeout: Duration) -> Output {
+    run_until_exit_with_env(args, &[], timeout)
+}
+
+/// As [`run_until_exit`], with extra environment variables.
+pub fn run_until_exit_with_env(args: &[String], env: &[(&str, &str)], timeout: Duration) -> Output {
     let mut command = agent_command(args);
+    command.envs(env.iter().copied());
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = spawn(&mut command, "zerotel agent");
     let stdout = collect_pipe(child.stdout.take().expect("piped stdout"));

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod kube_api;
 pub mod otlp;
 pub mod print;
 pub mod process;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub use agent::{pid_args, propagating_pid_args, Agent};
 pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
+pub use kube_api::FakeKubeApi;
 pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedSpan, SpanKind, Value};
 pub use servers::{Nginx, NodeServer, PyServer};
 

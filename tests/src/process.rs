@@ -159,6 +159,19 @@ impl ScriptProcess {
         args: &[String],
         env: &[(&str, &str)],
     ) -> ScriptProcess {
+        ScriptProcess::spawn_in(interpreter, dir, script_name, args, env, None)
+    }
+
+    /// As [`ScriptProcess::spawn`], in the cgroup v2 directory `cgroup` when given: the child
+    /// joins it before it executes the interpreter, as container runtimes do.
+    pub fn spawn_in(
+        interpreter: &std::path::Path,
+        dir: crate::util::TempDir,
+        script_name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        cgroup: Option<&std::path::Path>,
+    ) -> ScriptProcess {
         let what = format!("{} {script_name}", interpreter.display());
         let stderr_path = dir.join("stderr.log");
         let stderr =
@@ -172,6 +185,9 @@ impl ScriptProcess {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr);
+        if let Some(cgroup) = cgroup {
+            join_cgroup_before_exec(&mut command, cgroup);
+        }
         let mut child = spawn(&mut command, &what);
         let stdin = child.stdin.take();
         let stdout = LineReader::new(child.stdout.take().expect("piped stdout"), &what);
@@ -221,4 +237,23 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&candidate| parent_pid(candidate) == Some(pid))
         .collect()
+}
+
+/// Make the child write itself ("0") into `<cgroup>/cgroup.procs` between fork and exec.
+pub fn join_cgroup_before_exec(command: &mut Command, cgroup: &std::path::Path) {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: only async-signal-safe calls (open, write, close) on memory allocated before fork.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(error) }
+        });
+    }
 }

@@ -124,9 +124,15 @@ impl PyServer {
 
     /// Like [`PyServer::start`] with extra environment, e.g. `OTEL_SERVICE_NAME`.
     pub fn start_with_env(script_name: &str, env: &[(&str, &str)]) -> PyServer {
+        PyServer::start_in(script_name, env, None)
+    }
+
+    /// Like [`PyServer::start_with_env`], executed inside the cgroup v2 directory `cgroup` (a
+    /// container's, for Kubernetes tests).
+    pub fn start_in(script_name: &str, env: &[(&str, &str)], cgroup: Option<&Path>) -> PyServer {
         let dir = TempDir::new("pyserver");
         dir.write(script_name, PY_SERVER);
-        let script = ScriptProcess::spawn(python_interpreter(), dir, script_name, &["0".to_string()], env);
+        let script = ScriptProcess::spawn_in(python_interpreter(), dir, script_name, &["0".to_string()], env, cgroup);
         let port = wait_for_ready_port(&script);
         PyServer { script, port }
     }

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use zerotel_tests::{agent::run_until_exit_with_env, util::TempDir};
+
 /// Kubernetes versions validated against: the oldest supported one and the newest 1.33.x
 /// schema kubernetes-validate ships.
 const K8S_VERSIONS: &[&str] = &["1.29.0", "1.33.0"];
@@ -313,6 +315,39 @@ fn overlays_change_what_they_say() {
     );
 
     let filter = render("deploy/overlays/namespace-filter");
-    let cm = document(&filter, "ConfigMap");
-    assert!(cm.contains(r#"k8s_namespace: ["shop", "pay-*"]"#), "{cm}");
+    let checked = check_config(document(&filter, "ConfigMap"));
+    assert!(checked.contains(r#"k8s_namespace: ["shop", "pay-*"]"#), "{checked}");
+}
+
+/// `config.yaml` of a rendered ConfigMap (a `|` block scalar, indented under the key).
+fn config_yaml(configmap: &str) -> String {
+    let mut lines = configmap.lines().skip_while(|l| l.trim() != "config.yaml: |").skip(1);
+    let first = lines.next().unwrap_or_default();
+    let indent = first.len() - first.trim_start().len();
+    let block = std::iter::once(first).chain(lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent));
+    block.map(|l| l.get(indent..).unwrap_or("")).collect::<Vec<_>>().join("\n")
+}
+
+/// The agent's own loader on the ConfigMap's file: `zerotel --check-config` prints what it selects.
+fn check_config(configmap: &str) -> String {
+    let dir = TempDir::new("configmap");
+    let path = dir.write("config.yaml", config_yaml(configmap));
+    let args = ["--config".to_owned(), path.display().to_string(), "--check-config".to_owned()];
+    let output = run_until_exit_with_env(&args, &[("NODE_NAME", "node-1")], std::time::Duration::from_secs(10));
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the agent refused the ConfigMap's config.yaml:\n{stderr}\n{}", config_yaml(configmap));
+    stdout.into_owned()
+}
+
+#[test]
+fn base_configmap_is_a_valid_agent_config() {
+    if !require_tools() {
+        return;
+    }
+    let base = render("deploy/base");
+    let checked = check_config(document(&base, "ConfigMap"));
+    assert!(checked.contains(r#"k8s_namespace: ["kube-system"]"#), "default excludes on: {checked}");
+    assert!(checked.contains("every process"), "{checked}");
+    let ds = document(&base, "DaemonSet");
+    assert!(ds.contains("- --config\n") && ds.contains("- /etc/zerotel/config.yaml\n"), "the DaemonSet reads it: {ds}");
 }

@@ -1,16 +1,18 @@
-//! Which processes are traced: selectors applied at start-up, on exec and on a timer (for ports),
-//! the kernel's TRACED_PIDS kept in step, connections that already existed seeded from procfs, and
-//! each process's resource cached while it lives.
+//! Which processes are traced: rules (`selection`) applied at start-up, on exec, when pod
+//! metadata changes and on a timer (for ports); the kernel's TRACED_PIDS kept in step;
+//! connections that already existed seeded from procfs; each process's resource cached while it
+//! lives.
 
 pub mod cgroup;
 pub mod resource;
+pub mod selection;
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
@@ -18,29 +20,16 @@ use procfs::{
     net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process},
 };
-use regex::Regex;
-use zerotel_abi::{buffer, conn_key, direction, protocol, role, ConnState, InFlight};
+use zerotel_abi::{buffer, conn_key, direction, limits, protocol, role, ConnState, InFlight};
 
-use crate::spans::model::Resource;
+use crate::{
+    kubernetes::{PodMeta, PodStore, PodUpdate},
+    spans::model::Resource,
+    telemetry::Telemetry,
+};
+use cgroup::ContainerRef;
 use resource::BaseResource;
-
-/// What the user asked to trace. Empty = every process but the agent.
-#[derive(Debug, Clone, Default)]
-pub struct Selector {
-    pub pids: Vec<u32>,
-    pub ports: Vec<u16>,
-    pub exes: Vec<Regex>,
-}
-
-impl Selector {
-    pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.ports.is_empty() && self.exes.is_empty()
-    }
-
-    fn matches_exe(&self, exe: &str) -> bool {
-        self.exes.iter().any(|re| re.is_match(exe))
-    }
-}
+use selection::{Decision, Facts, PodFacts, PodView, Selection};
 
 /// A connection found in procfs at selection time.
 #[derive(Debug, Clone)]
@@ -55,7 +44,7 @@ pub struct SeededConn {
 
 /// The kernel maps discovery keeps in step with what it selects.
 pub struct KernelState {
-    pub traced_pids: BpfHashMap<MapData, u32, u8>,
+    pub traced_pids: BpfHashMap<MapData, u32, u64>,
     pub conns: BpfHashMap<MapData, u64, ConnState>,
     pub in_flight: BpfHashMap<MapData, u64, InFlight>,
     /// Propagation's sockhash (None when propagation is off).
@@ -63,67 +52,132 @@ pub struct KernelState {
 }
 
 pub struct Discovery {
-    selector: Selector,
+    selection: Selection,
+    /// No rules: the kernel traces every process but the agent by itself.
     trace_all: bool,
+    /// Pod metadata is expected (a watch runs); otherwise Kubernetes keys never match.
+    kubernetes: bool,
+    pods: PodStore,
     kernel: KernelState,
+    /// Processes the agent selected (the kernel also traces their forks).
     traced: HashSet<u32>,
+    /// Processes whose decision waits for their pod's metadata, until the deadline.
+    pending: HashMap<u32, Instant>,
+    /// Processes in pods, with their container, so pod updates find them.
+    in_pods: HashMap<u32, ContainerRef>,
     resources: HashMap<u32, Arc<Resource>>,
     base: BaseResource,
+    telemetry: Arc<Telemetry>,
     agent_pid: u32,
     next_seeded_id: u64,
 }
 
 /// Connection ids the agent makes have the top bit set, so they never collide with the kernel's.
 const SEEDED_ID_BIT: u64 = 1 << 63;
-/// Bound of the resource cache (processes seen at once).
-const MAX_RESOURCES: usize = 16_384;
+/// Bound of the per-process caches (processes seen at once).
+const MAX_PROCESSES: usize = 16_384;
+/// Longest wait for a new pod's metadata before deciding without it.
+const METADATA_WAIT: Duration = Duration::from_secs(3);
 
 impl Discovery {
-    pub fn new(selector: Selector, kernel: KernelState, base: BaseResource) -> Self {
+    pub fn new(selection: Selection, kubernetes: bool, kernel: KernelState, base: BaseResource, telemetry: Arc<Telemetry>) -> Self {
         Self {
-            trace_all: selector.is_empty(),
-            selector,
+            trace_all: selection.traces_everything(),
+            selection,
+            kubernetes,
+            pods: PodStore::default(),
             kernel,
             traced: HashSet::new(),
+            pending: HashMap::new(),
+            in_pods: HashMap::new(),
             resources: HashMap::new(),
             base,
+            telemetry,
             agent_pid: std::process::id(),
             next_seeded_id: 0,
         }
     }
 
-    /// Select every running process that matches, and seed its existing connections.
+    /// Decide for every running process, and seed the connections of those newly traced.
     pub fn scan(&mut self) -> Vec<SeededConn> {
-        let listening = ListeningPorts::read(&self.selector.ports);
+        let listening = ListeningPorts::read(&self.selection.ports());
         let mut seeded = Vec::new();
         for process in procfs::process::all_processes().into_iter().flatten().flatten() {
             let pid = process.pid as u32;
-            if pid == self.agent_pid || self.traced.contains(&pid) || !self.matches(&process, &listening) {
+            if pid == self.agent_pid {
                 continue;
             }
-            seeded.extend(self.select(pid));
+            let ports = listening.ports_of(&process);
+            let decision = self.decide(pid, &ports, false);
+            seeded.extend(self.apply(pid, decision));
         }
+        self.publish_counts();
         seeded
     }
 
-    /// A process executed a program: trace it if it matches, and refresh its resource.
+    /// A process executed a program: decide again (it may be another program, or a container
+    /// started in another cgroup) and refresh its resource.
     pub fn on_exec(&mut self, pid: u32, comm: &str) -> Vec<SeededConn> {
         self.resources.remove(&pid);
-        if self.trace_all || self.traced.contains(&pid) {
+        self.in_pods.remove(&pid);
+        if self.trace_all {
             self.resource_with_comm(pid, Some(comm));
             return Vec::new();
         }
-        let exe = exe_path(pid).unwrap_or_default();
-        if self.selector.matches_exe(&exe.to_string_lossy()) || self.selector.pids.contains(&pid) {
-            return self.select(pid);
-        }
-        Vec::new()
+        let decision = self.decide(pid, &[], false);
+        let seeded = self.apply(pid, decision);
+        self.publish_counts();
+        seeded
     }
 
     pub fn on_exit(&mut self, pid: u32) {
         self.traced.remove(&pid);
+        self.pending.remove(&pid);
+        self.in_pods.remove(&pid);
         self.resources.remove(&pid);
         let _ = self.kernel.traced_pids.remove(&pid);
+        self.publish_counts();
+    }
+
+    /// New pod metadata: redecorate and decide again for the processes of the pods it changed.
+    pub fn on_pod_update(&mut self, update: PodUpdate) -> Vec<SeededConn> {
+        if matches!(update, PodUpdate::Synced) {
+            self.pods.apply(update);
+            return self.scan(); // a (re)list: every pod may have changed
+        }
+        let changed = self.pods.apply(update);
+        let pids: Vec<u32> = self
+            .in_pods
+            .iter()
+            .filter(|(_, c)| c.pod_uid.as_ref().is_some_and(|uid| changed.contains(uid)))
+            .map(|(pid, _)| *pid)
+            .collect();
+        let mut seeded = Vec::new();
+        for pid in pids {
+            self.resources.remove(&pid);
+            if !self.trace_all {
+                let decision = self.decide(pid, &[], false);
+                seeded.extend(self.apply(pid, decision));
+            }
+        }
+        self.telemetry.k8s_pods.store(self.pods.len() as u64, Ordering::Relaxed);
+        self.publish_counts();
+        seeded
+    }
+
+    /// Decide, without metadata, for processes that waited for it too long.
+    pub fn settle_overdue(&mut self) -> Vec<SeededConn> {
+        let now = Instant::now();
+        let overdue: Vec<u32> = self.pending.iter().filter(|(_, deadline)| **deadline <= now).map(|(pid, _)| *pid).collect();
+        let mut seeded = Vec::new();
+        for pid in overdue {
+            let decision = self.decide(pid, &[], true);
+            seeded.extend(self.apply(pid, decision));
+        }
+        if !seeded.is_empty() {
+            self.publish_counts();
+        }
+        seeded
     }
 
     /// Forget kernel state of a connection whose process ended without closing it.
@@ -131,51 +185,113 @@ impl Discovery {
         let _ = self.kernel.conns.remove(&conn_key(pid, fd));
     }
 
-    /// Whether port selectors need periodic rescans (a process may start listening any time).
+    /// Whether decisions need periodic rescans (a process may start listening any time).
     pub fn needs_rescan(&self) -> bool {
-        !self.selector.ports.is_empty()
+        !self.selection.ports().is_empty()
     }
 
-    /// The resource of `pid`, built once while the process lives.
+    /// The resource of `pid`, built once while the process lives (again when its pod changes).
     pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
         self.resource_with_comm(pid, None)
     }
 
     fn resource_with_comm(&mut self, pid: u32, comm: Option<&str>) -> Arc<Resource> {
-        if self.resources.len() >= MAX_RESOURCES && !self.resources.contains_key(&pid) {
+        if let Some(resource) = self.resources.get(&pid) {
+            return resource.clone();
+        }
+        if self.resources.len() >= MAX_PROCESSES {
             // Exits keep this small; a flood of pids without exits must not grow it without end.
             self.resources.clear();
         }
-        let base = &self.base;
-        self.resources.entry(pid).or_insert_with(|| Arc::new(resource::for_process(pid, base, comm))).clone()
+        let container = self.container_of(pid);
+        let pod = container.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
+        let resource = Arc::new(resource::for_process(pid, &self.base, comm, &container, pod));
+        self.resources.insert(pid, resource.clone());
+        resource
     }
 
-    fn matches(&self, process: &Process, listening: &ListeningPorts) -> bool {
-        let pid = process.pid as u32;
-        if self.selector.pids.contains(&pid) {
-            return true;
+    /// The container and pod of `pid` (cached for processes in pods).
+    fn container_of(&mut self, pid: u32) -> ContainerRef {
+        if let Some(known) = self.in_pods.get(&pid) {
+            return known.clone();
         }
-        if !self.selector.exes.is_empty() {
-            if let Ok(exe) = process.exe() {
-                if self.selector.matches_exe(&exe.to_string_lossy()) {
-                    return true;
+        let container = cgroup::for_pid(pid);
+        if container.pod_uid.is_some() {
+            if self.in_pods.len() >= MAX_PROCESSES {
+                self.in_pods.clear();
+            }
+            self.in_pods.insert(pid, container.clone());
+        }
+        container
+    }
+
+    /// Match `pid` against the rules; `settle`: decide even without its pod's metadata.
+    fn decide(&mut self, pid: u32, open_ports: &[u16], settle: bool) -> Decision {
+        let exe = exe_path(pid);
+        let container = if self.kubernetes { self.container_of(pid) } else { ContainerRef::default() };
+        let pod = container.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
+        let view = pod.map(|pod| pod_view(pod, &container));
+        let pod_facts = match (&view, &container.pod_uid) {
+            (Some(view), _) => PodFacts::Known(view),
+            (None, Some(_)) => PodFacts::Unknown,
+            (None, None) => PodFacts::NotInPod,
+        };
+        let facts = Facts { pid, exe: exe.as_deref(), open_ports, pod: pod_facts };
+        if settle { self.selection.settle(&facts) } else { self.selection.decide(&facts) }
+    }
+
+    /// Act on a decision: trace, stop tracing, or wait for metadata.
+    fn apply(&mut self, pid: u32, decision: Decision) -> Vec<SeededConn> {
+        if decision != Decision::Undecided {
+            self.pending.remove(&pid);
+        }
+        match decision {
+            Decision::Trace if self.traced.contains(&pid) => Vec::new(),
+            Decision::Trace => self.select(pid),
+            Decision::Excluded => {
+                self.untrace(pid);
+                Vec::new()
+            }
+            // A fork of a traced process stays traced in its own cgroup (children of --pid).
+            Decision::NotIncluded => {
+                if !self.traced.contains(&pid) && self.kernel_traces(pid) {
+                    self.traced.insert(pid);
                 }
+                Vec::new()
+            }
+            Decision::Undecided => {
+                self.pending.entry(pid).or_insert_with(|| Instant::now() + METADATA_WAIT);
+                Vec::new()
             }
         }
-        !listening.inodes.is_empty() && socket_inodes(process).any(|(_, inode)| listening.inodes.contains(&inode))
+    }
+
+    fn kernel_traces(&self, pid: u32) -> bool {
+        self.trace_all || self.kernel.traced_pids.get(&pid, 0).is_ok()
+    }
+
+    fn untrace(&mut self, pid: u32) {
+        if self.traced.remove(&pid) | self.kernel.traced_pids.remove(&pid).is_ok() {
+            log::info!("not tracing pid {pid}: excluded");
+        }
+    }
+
+    fn publish_counts(&self) {
+        self.telemetry.processes_traced.store(self.traced.len() as u64, Ordering::Relaxed);
+        self.telemetry.processes_pending.store(self.pending.len() as u64, Ordering::Relaxed);
     }
 
     /// Trace `pid`: kernel map, resource, and its established TCP connections.
     fn select(&mut self, pid: u32) -> Vec<SeededConn> {
         if !self.trace_all {
-            if let Err(e) = self.kernel.traced_pids.insert(pid, 1, 0) {
+            if let Err(e) = self.kernel.traced_pids.insert(pid, limits::CGROUP_UNRECORDED, 0) {
                 log::warn!("cannot trace pid {pid}: {e}");
                 return Vec::new();
             }
         }
         self.traced.insert(pid);
-        self.resource(pid);
-        log::info!("tracing pid {pid} ({})", self.resource(pid).service_name());
+        let resource = self.resource(pid);
+        log::info!("tracing pid {pid} ({})", resource.service_name());
         self.seed_connections(pid)
     }
 
@@ -254,33 +370,47 @@ impl Discovery {
     }
 }
 
-/// Socket inodes of the ports selected with `--port`, in the host's network namespace and in each
-/// process's own (read lazily through /proc/PID/net).
+/// Listening sockets on the ports rules name, in the host's network namespace and in each
+/// process's own (read lazily through /proc/PID/net): socket inode -> port.
 struct ListeningPorts {
-    inodes: HashSet<u64>,
+    ports_by_inode: HashMap<u64, u16>,
 }
 
 impl ListeningPorts {
     fn read(ports: &[u16]) -> Self {
+        let mut ports_by_inode = HashMap::new();
         if ports.is_empty() {
-            return Self { inodes: HashSet::new() };
+            return Self { ports_by_inode };
         }
         let mut namespaces = HashSet::new();
-        let mut inodes = HashSet::new();
         for process in procfs::process::all_processes().into_iter().flatten().flatten() {
             let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/net", process.pid)) else { continue };
             if !namespaces.insert(ns) {
                 continue;
             }
             let entries = process.tcp().into_iter().chain(process.tcp6()).flatten();
-            inodes.extend(
+            ports_by_inode.extend(
                 entries
                     .filter(|e| e.state == TcpState::Listen && ports.contains(&e.local_address.port()))
-                    .map(|e| e.inode),
+                    .map(|e| (e.inode, e.local_address.port())),
             );
         }
-        Self { inodes }
+        Self { ports_by_inode }
     }
+
+    /// The named ports `process` listens on.
+    fn ports_of(&self, process: &Process) -> Vec<u16> {
+        if self.ports_by_inode.is_empty() {
+            return Vec::new();
+        }
+        socket_inodes(process).filter_map(|(_, inode)| self.ports_by_inode.get(&inode).copied()).collect()
+    }
+}
+
+/// What the rules see of a pod, with the process's container named when the status lists it.
+fn pod_view<'a>(pod: &'a PodMeta, container: &ContainerRef) -> PodView<'a> {
+    let name = container.container_id.as_deref().and_then(|id| pod.container_by_id(id)).map(|c| c.name.as_str());
+    PodView { namespace: &pod.namespace, labels: &pod.labels, owners: &pod.owners, container: name }
 }
 
 fn socket_inodes(process: &Process) -> impl Iterator<Item = (u32, u64)> {
@@ -327,8 +457,8 @@ fn borrow_socket(pid: u32, fd: u32) -> std::io::Result<OwnedFd> {
     }
 }
 
-fn exe_path(pid: u32) -> Option<PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+fn exe_path(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

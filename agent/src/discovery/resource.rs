@@ -4,7 +4,11 @@ use std::{borrow::Cow, collections::HashMap, ffi::OsString, path::Path};
 
 use procfs::process::Process;
 
-use crate::spans::model::{AttrValue, Attributes, Resource};
+use super::cgroup::ContainerRef;
+use crate::{
+    kubernetes::PodMeta,
+    spans::model::{AttrValue, Attributes, Resource},
+};
 
 /// Programs whose service is named by the script or module they run, not by themselves.
 const INTERPRETERS: &[&str] = &["python", "node", "nodejs", "ruby", "perl", "php", "java", "bun", "deno", "dotnet"];
@@ -35,8 +39,9 @@ impl BaseResource {
     }
 }
 
-/// Build the resource of `pid` from procfs; `comm` is the fallback when the process is gone.
-pub fn for_process(pid: u32, base: &BaseResource, comm: Option<&str>) -> Resource {
+/// Build the resource of `pid` from procfs and its pod; `comm` is the fallback name when the
+/// process is gone.
+pub fn for_process(pid: u32, base: &BaseResource, comm: Option<&str>, container: &ContainerRef, pod: Option<&PodMeta>) -> Resource {
     let process = Process::new(pid as i32).ok();
     let exe = process.as_ref().and_then(|p| p.exe().ok());
     let cmdline = process.as_ref().and_then(|p| p.cmdline().ok()).unwrap_or_default();
@@ -52,8 +57,10 @@ pub fn for_process(pid: u32, base: &BaseResource, comm: Option<&str>) -> Resourc
     for (k, v) in parse_resource_attributes(&env_var(&environ, "OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default()) {
         set(&mut attributes, k, v.into());
     }
+    let pod_container = pod.zip(container.container_id.as_deref()).and_then(|(p, id)| p.container_by_id(id));
     let service = env_var(&environ, "OTEL_SERVICE_NAME")
         .filter(|s| !s.is_empty())
+        .or_else(|| pod.map(|p| p.service_name(pod_container).to_owned()))
         .unwrap_or_else(|| derive_service_name(&exe_name, &cmdline));
     set(&mut attributes, "service.name".into(), service.into());
     set(&mut attributes, "process.pid".into(), AttrValue::Int(pid.into()));
@@ -61,14 +68,50 @@ pub fn for_process(pid: u32, base: &BaseResource, comm: Option<&str>) -> Resourc
     if let Some(path) = exe {
         set(&mut attributes, "process.executable.path".into(), path.to_string_lossy().into_owned().into());
     }
-    let container = super::cgroup::for_pid(pid);
-    if let Some(id) = container.container_id {
-        set(&mut attributes, "container.id".into(), id.into());
+    if let Some(id) = &container.container_id {
+        set(&mut attributes, "container.id".into(), id.clone().into());
     }
-    if let Some(uid) = container.pod_uid {
-        set(&mut attributes, "k8s.pod.uid".into(), uid.into());
+    if let Some(uid) = &container.pod_uid {
+        set(&mut attributes, "k8s.pod.uid".into(), uid.clone().into());
+    }
+    if let Some(pod) = pod {
+        add_pod(&mut attributes, pod, pod_container.map(|c| c.name.as_str()));
     }
     Resource { attributes }
+}
+
+/// The `k8s.*` attributes of the OpenTelemetry semantic conventions, and `service.namespace`.
+fn add_pod(attributes: &mut Attributes, pod: &PodMeta, container: Option<&str>) {
+    let mut put = |key: &str, value: &str| {
+        if !value.is_empty() {
+            set(attributes, key.to_owned(), value.to_owned().into());
+        }
+    };
+    put("k8s.namespace.name", &pod.namespace);
+    put("service.namespace", &pod.namespace);
+    put("k8s.pod.name", &pod.name);
+    put("k8s.pod.uid", &pod.uid);
+    put("k8s.node.name", &pod.node);
+    if let Some(name) = container {
+        put("k8s.container.name", name);
+    }
+    for (kind, name) in &pod.owners {
+        if let Some(key) = owner_attribute(kind) {
+            put(key, name);
+        }
+    }
+}
+
+fn owner_attribute(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "ReplicaSet" => "k8s.replicaset.name",
+        "Deployment" => "k8s.deployment.name",
+        "StatefulSet" => "k8s.statefulset.name",
+        "DaemonSet" => "k8s.daemonset.name",
+        "Job" => "k8s.job.name",
+        "CronJob" => "k8s.cronjob.name",
+        _ => return None,
+    })
 }
 
 fn set(attributes: &mut Attributes, key: String, value: AttrValue) {
@@ -182,9 +225,34 @@ mod tests {
     #[test]
     fn own_process_resource() {
         let base = BaseResource::from_env(&|_| None);
-        let r = for_process(std::process::id(), &base, None);
+        let r = for_process(std::process::id(), &base, None, &ContainerRef::default(), None);
         assert!(r.attributes.iter().any(|(k, v)| k == "process.pid" && *v == AttrValue::Int(std::process::id().into())));
         assert!(r.attributes.iter().any(|(k, _)| k == "telemetry.sdk.name"));
         assert!(!r.service_name().is_empty());
+    }
+
+    #[test]
+    fn pod_attributes_and_service_name() {
+        let pod = PodMeta {
+            uid: "u-1".into(),
+            name: "web-5d8f-x2k".into(),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            labels: Default::default(),
+            owners: vec![("ReplicaSet".into(), "web-5d8f".into()), ("Deployment".into(), "web".into())],
+            containers: vec![crate::kubernetes::pod::ContainerMeta { name: "server".into(), id: Some("c1".into()), service_name: None }],
+            config_uid: None,
+        };
+        let container = ContainerRef { container_id: Some("c1".into()), pod_uid: Some("u-1".into()) };
+        // A pid that does not exist: only the pod names the service.
+        let r = for_process(u32::MAX, &BaseResource::default(), Some("x"), &container, Some(&pod));
+        let get = |k: &str| r.attributes.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("service.name"), Some("web".into()), "the workload names the service");
+        assert_eq!(get("service.namespace"), Some("shop".into()));
+        assert_eq!(get("k8s.container.name"), Some("server".into()));
+        assert_eq!(get("k8s.deployment.name"), Some("web".into()));
+        assert_eq!(get("k8s.replicaset.name"), Some("web-5d8f".into()));
+        assert_eq!(get("k8s.node.name"), Some("node-a".into()));
+        assert_eq!(get("container.id"), Some("c1".into()));
     }
 }

@@ -108,7 +108,7 @@ pub struct Probes {
 /// The maps userspace works with, taken out of the object.
 pub struct KernelMaps {
     pub events: RingBuf<MapData>,
-    pub traced_pids: BpfHashMap<MapData, u32, u8>,
+    pub traced_pids: BpfHashMap<MapData, u32, u64>,
     pub conns: BpfHashMap<MapData, u64, ConnState>,
     pub in_flight: BpfHashMap<MapData, u64, InFlight>,
     pub counters: PerCpuArray<MapData, u64>,

@@ -14,6 +14,7 @@ use crate::{
     conn::{socket_addr, ConnTable, Connection},
     context::{self, RemoteParent},
     discovery::{Discovery, SeededConn},
+    kubernetes::PodUpdate,
     protocols::http1::{Output, Outcome, RequestHead, ResponseHead},
     spans::{
         http::{describe, Endpoint, Exchange},
@@ -148,11 +149,18 @@ impl Assembler {
         std::mem::take(&mut self.spans)
     }
 
-    pub fn rescan_if_needed(&mut self) {
+    /// Once a second: rescan for port rules, decide for processes whose pod metadata is overdue.
+    pub fn on_tick(&mut self) {
+        let mut seeded = self.discovery.settle_overdue();
         if self.discovery.needs_rescan() {
-            let seeded = self.discovery.scan();
-            self.adopt(seeded);
+            seeded.extend(self.discovery.scan());
         }
+        self.adopt(seeded);
+    }
+
+    pub fn on_pod_update(&mut self, update: PodUpdate) {
+        let seeded = self.discovery.on_pod_update(update);
+        self.adopt(seeded);
     }
 
     fn adopt(&mut self, seeded: Vec<SeededConn>) {
@@ -220,13 +228,16 @@ impl Assembler {
     /// A process ended: its sockets closed without close(2), so end them here.
     fn on_exit(&mut self, e: &ProcessEvent) {
         let pid = e.header.pid;
-        for conn_id in self.conns.ids_of(pid) {
-            if let Some(fd) = self.conns.get_mut(conn_id).map(|c| c.fd) {
-                self.discovery.forget_conn(pid, fd);
+        let conn_ids = self.conns.ids_of(pid);
+        if !conn_ids.is_empty() {
+            for conn_id in conn_ids {
+                if let Some(fd) = self.conns.get_mut(conn_id).map(|c| c.fd) {
+                    self.discovery.forget_conn(pid, fd);
+                }
+                self.close_conn(conn_id, e.header.ts_ns);
             }
-            self.close_conn(conn_id, e.header.ts_ns);
+            self.serving.retain(|_, s| self.conns.get_mut(s.conn_id).is_some());
         }
-        self.serving.retain(|_, s| self.conns.get_mut(s.conn_id).is_some());
         self.discovery.on_exit(pid);
     }
 
@@ -339,10 +350,23 @@ fn mono_to_unix_offset() -> i128 {
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Run stage 2 until the event channel closes; spans go to export without ever waiting on it.
-pub async fn run(mut assembler: Assembler, mut rx: mpsc::Receiver<Vec<CapturedEvent>>, tx: mpsc::Sender<Vec<Span>>) {
+pub async fn run(
+    mut assembler: Assembler,
+    mut rx: mpsc::Receiver<Vec<CapturedEvent>>,
+    mut pods: mpsc::Receiver<PodUpdate>,
+    tx: mpsc::Sender<Vec<Span>>,
+) {
     let mut rescan = time::interval(RESCAN_INTERVAL);
+    let mut pods_open = true;
     loop {
         tokio::select! {
+            update = pods.recv(), if pods_open => match update {
+                Some(update) => {
+                    assembler.on_pod_update(update);
+                    forward(&mut assembler, &tx);
+                }
+                None => pods_open = false,
+            },
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
                 for event in batch {
@@ -351,7 +375,7 @@ pub async fn run(mut assembler: Assembler, mut rx: mpsc::Receiver<Vec<CapturedEv
                 forward(&mut assembler, &tx);
                 assembler.telemetry.connections.store(assembler.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            _ = rescan.tick() => assembler.rescan_if_needed(),
+            _ = rescan.tick() => assembler.on_tick(),
         }
     }
     forward(&mut assembler, &tx);

@@ -76,6 +76,8 @@ pub mod limits {
     /// agent, which drains every 20 ms, catches up. Its pages count twice in the agent's RSS.
     pub const EVENTS_BYTES: u32 = 8 << 20;
     pub const TRACED_PIDS: u32 = 16_384;
+    /// TRACED_PIDS value until the process's first traced syscall records its cgroup v2 id.
+    pub const CGROUP_UNRECORDED: u64 = 0;
     pub const CONNS: u32 = 65_536;
     pub const IN_FLIGHT_SYSCALLS: u32 = 16_384;
     /// Threads serving a request at once.
@@ -88,5 +90,8 @@ pub mod counters {
     pub const EVENTS_LOST: u32 = 0;
     /// Data syscalls on tracked connections whose bytes could not be read.
     pub const CAPTURE_FAILED: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Connection and data events queued for the agent (process events excluded): what traced
+    /// processes cost, and zero for processes that are not traced.
+    pub const TRAFFIC_EVENTS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }

@@ -10,7 +10,7 @@ use zerotel_abi::{
     KernelOffsets,
 };
 
-use crate::maps::{count, is_traced, offsets, CONNS, CONN_SEQ, EVENTS, IN_FLIGHT};
+use crate::maps::{count, is_traced_syscall, offsets, CONNS, CONN_SEQ, EVENTS, IN_FLIGHT};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -122,6 +122,7 @@ fn track(fd: u32, conn_role: u8) -> Result<(), i32> {
         remote,
     });
     entry.submit(0);
+    count(zerotel_abi::counters::TRAFFIC_EVENTS);
     Ok(())
 }
 
@@ -147,7 +148,7 @@ pub fn zt_exit_accept(ctx: TracePointContext) -> u32 {
 
 fn try_exit_accept(ctx: &TracePointContext) -> Result<(), i32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !is_traced(tgid) {
+    if !is_traced_syscall(tgid) {
         return Ok(());
     }
     // SAFETY: offset from the tracepoint format.
@@ -168,7 +169,7 @@ pub fn zt_enter_connect(ctx: TracePointContext) -> u32 {
 
 fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !is_traced_syscall((pid_tgid >> 32) as u32) {
         return Ok(());
     }
     // SAFETY: offset from the tracepoint format.
@@ -212,7 +213,7 @@ pub fn zt_enter_close(ctx: TracePointContext) -> u32 {
 fn try_enter_close(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
+    if !is_traced_syscall(tgid) {
         return Ok(());
     }
     // SAFETY: offset from the tracepoint format.
@@ -227,5 +228,6 @@ fn try_enter_close(ctx: &TracePointContext) -> Result<(), i32> {
     };
     entry.write(ConnCloseEvent { header: header(kind::CONN_CLOSE, pid_tgid), conn_id: state.conn_id, fd: fd as u32, _pad: 0 });
     entry.submit(0);
+    count(zerotel_abi::counters::TRAFFIC_EVENTS);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Every map and global the programs share. All are bounded (see `zerotel_abi::limits`).
 
 use aya_ebpf::{
+    helpers::generated::bpf_get_current_cgroup_id,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
@@ -10,9 +11,10 @@ use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, Sampler, SpanIds, 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 
-/// Processes (tgid) to trace; the agent fills it, fork inherits it.
+/// Processes (tgid) to trace, with the cgroup v2 id they run in (recorded by their first traced
+/// syscall). The agent fills it, fork inherits it, exec in another cgroup drops it.
 #[map]
-pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(limits::TRACED_PIDS, 0);
+pub static TRACED_PIDS: HashMap<u32, u64> = HashMap::with_max_entries(limits::TRACED_PIDS, 0);
 
 /// LRU maps keep per-CPU LRU lists: no lock shared between CPUs on the hot path.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
@@ -110,7 +112,14 @@ pub fn offsets() -> KernelOffsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
-/// True when the current process is traced: the first check of every program.
+/// No rules: every process but the agent is traced, and process events are not needed.
+#[inline(always)]
+pub fn trace_all() -> bool {
+    // SAFETY: a read-only global set before load.
+    unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
+}
+
+/// True when the current process is traced (read-only: for programs outside syscall context).
 #[inline(always)]
 pub fn is_traced(tgid: u32) -> bool {
     // SAFETY: read-only globals set before load.
@@ -118,6 +127,27 @@ pub fn is_traced(tgid: u32) -> bool {
     if all != 0 {
         return tgid != agent;
     }
-    // SAFETY: the value is a plain u8 and only compared against None.
+    // SAFETY: the value is a plain u64 and only compared against None.
     unsafe { TRACED_PIDS.get(tgid).is_some() }
+}
+
+/// True when the current process is traced: the first check of every syscall program. Its first
+/// traced syscall records the cgroup it runs in (see `zt_sched_exec`).
+#[inline(always)]
+pub fn is_traced_syscall(tgid: u32) -> bool {
+    // SAFETY: read-only globals set before load.
+    let (all, agent) = unsafe { (core::ptr::read_volatile(&TRACE_ALL), core::ptr::read_volatile(&AGENT_PID)) };
+    if all != 0 {
+        return tgid != agent;
+    }
+    let Some(cgroup) = TRACED_PIDS.get_ptr_mut(tgid) else {
+        return false;
+    };
+    // SAFETY: an aligned u64 in the map's value; a racing writer stores the same id.
+    unsafe {
+        if *cgroup == limits::CGROUP_UNRECORDED {
+            *cgroup = bpf_get_current_cgroup_id();
+        }
+    }
+    true
 }

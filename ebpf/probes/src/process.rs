@@ -2,46 +2,58 @@
 //! so the agent can match new programs against its selectors.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use zerotel_abi::{kind, ProcessEvent};
+use zerotel_abi::{kind, limits::CGROUP_UNRECORDED, ProcessEvent};
 
 use crate::{
     conns::header,
-    maps::{count, is_traced, EVENTS, THREAD_CONTEXT, TRACED_PIDS, TRACE_ALL},
+    maps::{count, is_traced, trace_all, EVENTS, THREAD_CONTEXT, TRACED_PIDS},
 };
 
 /// sched/sched_process_fork: `pid_t parent_pid` at 12, `pid_t child_pid` at 20. The child of a traced
-/// process is traced from its first instruction. Threads get an entry too (the tracepoint cannot tell
-/// them apart); sched_process_exit removes it when the thread ends.
+/// process is traced from its first instruction, in the same cgroup. Threads get an entry too (the
+/// tracepoint cannot tell them apart); sched_process_exit removes it when the thread ends.
 #[tracepoint]
 pub fn zt_sched_fork(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: TRACED_PIDS lookups only compare against None.
-    if unsafe { TRACED_PIDS.get(tgid) }.is_none() {
+    // SAFETY: a plain u64 copied out at once.
+    let Some(cgroup) = (unsafe { TRACED_PIDS.get(tgid) }).copied() else {
         return 0;
-    }
+    };
     // SAFETY: offset from the tracepoint format.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
-        let _ = TRACED_PIDS.insert(child as u32, 1, 0);
+        let _ = TRACED_PIDS.insert(child as u32, cgroup, 0);
     }
     0
 }
 
-/// sched/sched_process_exec: reported for every process so the agent can apply `--exe` at once.
+/// sched/sched_process_exec: reported for every process so the agent can match the new program.
+/// A traced process that runs a program in another cgroup than it was selected in (a container
+/// runtime starting a container: it moves into the container's cgroup, then execs) stops being
+/// traced here, before the program's first instruction: only the agent may select it again, so a
+/// pod its rules exclude never sends an event.
 #[tracepoint]
 pub fn zt_sched_exec(_ctx: TracePointContext) -> u32 {
-    // SAFETY: read-only global.
-    if unsafe { core::ptr::read_volatile(&TRACE_ALL) } != 0 {
+    if trace_all() {
         return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a plain u64 copied out at once.
+    if let Some(cgroup) = unsafe { TRACED_PIDS.get(tgid) }.copied() {
+        // SAFETY: a helper without arguments.
+        if cgroup != CGROUP_UNRECORDED && cgroup != unsafe { bpf_get_current_cgroup_id() } {
+            let _ = TRACED_PIDS.remove(tgid);
+        }
     }
     emit(kind::PROCESS_EXEC);
     0
 }
 
-/// sched/sched_process_exit: `pid_t pid` at 24, `bool group_dead` at 32.
+/// sched/sched_process_exit: `pid_t pid` at 24, `bool group_dead` at 32. Reported for every
+/// process, like exec, so the agent forgets processes it waited on or excluded, not only traced ones.
 #[tracepoint]
 pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -53,8 +65,13 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
-    if group_dead && is_traced(tgid) {
+    if !group_dead {
+        return 0;
+    }
+    if is_traced(tgid) {
         let _ = TRACED_PIDS.remove(tgid);
+        emit(kind::PROCESS_EXIT);
+    } else if !trace_all() {
         emit(kind::PROCESS_EXIT);
     }
     0

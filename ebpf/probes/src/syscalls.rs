@@ -16,7 +16,7 @@ use crate::{
     classify::{is_http_request_start, is_http_response_start, is_http_start},
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
-    maps::{count, is_traced, CONNS, EVENTS, IN_FLIGHT},
+    maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
 };
 
 /// Wake the agent only once this much is queued; it also drains on a short timer. Batching wake-ups
@@ -31,7 +31,7 @@ const ARG2: usize = ENTER_ARG0 + 16;
 fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
+    if !is_traced_syscall(tgid) {
         return Ok(());
     }
     // SAFETY: plain-old-data value.
@@ -269,6 +269,7 @@ fn emit_meta(meta: DataMeta) {
         Some(mut entry) => {
             entry.write(meta);
             entry.submit(wakeup_flags());
+            count(counters::TRAFFIC_EVENTS);
         }
         None => count(counters::EVENTS_LOST),
     }
@@ -311,4 +312,5 @@ fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment) 
     // SAFETY: as above.
     unsafe { core::ptr::addr_of_mut!((*event).meta).write(meta) };
     entry.submit(wakeup_flags());
+    count(counters::TRAFFIC_EVENTS);
 }
