@@ -109,7 +109,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     };
     let (pods_tx, pods_rx) = mpsc::channel(POD_UPDATES);
     let watching = match &config.kubernetes {
-        Some(settings) => start_pod_watch(settings, pods_tx, telemetry.clone(), config.selection.includes_by_kubernetes()).await?,
+        Some(settings) => start_pod_watch(settings, pods_tx, telemetry.clone(), config.kubernetes_required).await?,
         None => false,
     };
     let discovery = Discovery::new(config.selection, watching, kernel, BaseResource::from_env(env), telemetry.clone());
@@ -163,7 +163,7 @@ async fn start_pod_watch(
             tokio::spawn(kubernetes::watch_pods(client, settings.node_name.clone(), tx, telemetry));
             Ok(true)
         }
-        Err(e) if required => Err(anyhow::Error::new(e).context("rules need pod metadata (pass --kubeconfig, or run in a pod with a service account)")),
+        Err(e) if required => Err(anyhow::Error::new(e).context("the rules need pod metadata (pass --kubeconfig, or run in a pod with a service account)")),
         Err(e) => {
             log::warn!("no pod metadata, tracing goes on without it: {e}");
             Ok(false)

@@ -114,15 +114,7 @@ fn web_pod() -> PodSpec<'static> {
 }
 
 fn dns_pod() -> PodSpec<'static> {
-    PodSpec {
-        namespace: "kube-system",
-        name: "coredns-5d78c9869d-abcde",
-        uid: DNS_UID,
-        node: NODE,
-        labels: &[],
-        owner: None,
-        containers: &[ContainerSpec { name: "coredns", container_id: DNS_ID, env: &[] }],
-    }
+    plain_pod("kube-system", "coredns-5d78c9869d-abcde", DNS_UID, &[ContainerSpec { name: "coredns", container_id: DNS_ID, env: &[] }])
 }
 
 fn job_pod() -> PodSpec<'static> {
@@ -135,6 +127,11 @@ fn job_pod() -> PodSpec<'static> {
         owner: Some(("Job", "report-29000000")),
         containers: &[ContainerSpec { name: "worker", container_id: JOB_ID, env: &[("OTEL_SERVICE_NAME", "nightly-report")] }],
     }
+}
+
+/// A pod without labels or owner.
+fn plain_pod<'a>(namespace: &'a str, name: &'a str, uid: &'a str, containers: &'a [ContainerSpec<'a>]) -> PodSpec<'a> {
+    PodSpec { namespace, name, uid, node: NODE, labels: &[], owner: None, containers }
 }
 
 fn kube_args(api: &FakeKubeApi, dir: &TempDir) -> Vec<String> {
@@ -244,15 +241,7 @@ fn an_api_outage_does_not_stop_tracing_and_metadata_follows_when_it_is_back() {
         return;
     }
     let api = FakeKubeApi::start();
-    let lone_spec = PodSpec {
-        namespace: "shop",
-        name: "lone",
-        uid: LONE_UID,
-        node: NODE,
-        labels: &[],
-        owner: None,
-        containers: &[ContainerSpec { name: "app", container_id: LONE_ID, env: &[] }],
-    };
+    let lone_spec = plain_pod("shop", "lone", LONE_UID, &[ContainerSpec { name: "app", container_id: LONE_ID, env: &[] }]);
     let lone = PodUnderTest::start(&lone_spec);
     api.upsert_pod(lone.object.clone());
     api.set_unavailable(true);
@@ -276,6 +265,52 @@ fn an_api_outage_does_not_stop_tracing_and_metadata_follows_when_it_is_back() {
     drop(lone);
 }
 
+const SPAWNED_ID: &str = "f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6";
+const SPAWNED_UID: &str = "0f0f0f0f-1111-4222-8333-555555555555";
+
+/// A traced process starts a container as a runtime does (moves into the container's cgroup, then
+/// execs): the kernel stops tracing it at that exec, and the pod, in kube-system, never sends an
+/// event, though it serves requests.
+#[test]
+fn a_container_started_by_a_traced_process_in_an_excluded_namespace_sends_nothing() {
+    if !require_kernel() {
+        return;
+    }
+    let api = FakeKubeApi::start();
+    let spec = plain_pod("kube-system", "metrics-server-abc", SPAWNED_UID, &[ContainerSpec { name: "server", container_id: SPAWNED_ID, env: &[] }]);
+    api.upsert_pod(kube_api::pod(&spec));
+    let cgroup = KubeletCgroup::create(SPAWNED_UID, SPAWNED_ID);
+    let port = zerotel_tests::util::free_port();
+    // The "runtime": traced from the start (--pid); after a second it joins the container's cgroup
+    // and execs the server, which is what runc does.
+    let procs = cgroup.container_dir().join("cgroup.procs");
+    let python = zerotel_tests::servers::python_interpreter().display().to_string();
+    let script = format!("sleep 1; echo 0 > {}; exec {python} -m http.server {port} --bind 127.0.0.1", procs.display());
+    let mut runtime = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the runtime shell");
+    let dir = TempDir::new("k8s-spawned");
+    let mut args = pid_args(&[runtime.id()]);
+    args.extend(kube_args(&api, &dir));
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&args, Some(&receiver));
+    assert!(poll_until(SPAN_TIMEOUT, || zerotel_tests::util::port_is_open(port)), "the server never listened");
+    let events_before = agent.metric_sum("zerotel_kernel_traffic_events_total");
+    for i in 0..5 {
+        assert_eq!(zerotel_tests::curl(&format!("http://127.0.0.1:{port}/?{i}"), &[]).status, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.metric_sum("zerotel_kernel_traffic_events_total"), events_before, "kernel events for an excluded pod");
+    assert!(!receiver.spans().iter().any(|s| s.pid() == Some(runtime.id())), "spans of an excluded pod");
+    drop(agent);
+    let _ = runtime.kill();
+    let _ = runtime.wait();
+    drop(cgroup);
+}
+
 const CHURN_ID: &str = "e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5";
 const CHURN_UID: &str = "0e0e0e0e-1111-4222-8333-444444444444";
 
@@ -295,15 +330,7 @@ fn process_and_pod_churn_leaves_nothing_behind() {
     const PROCESSES: usize = 1500;
     const PODS: usize = 300;
     let api = FakeKubeApi::start();
-    let spec = PodSpec {
-        namespace: "shop",
-        name: "churn",
-        uid: CHURN_UID,
-        node: NODE,
-        labels: &[],
-        owner: None,
-        containers: &[ContainerSpec { name: "churn", container_id: CHURN_ID, env: &[] }],
-    };
+    let spec = plain_pod("shop", "churn", CHURN_UID, &[ContainerSpec { name: "churn", container_id: CHURN_ID, env: &[] }]);
     api.upsert_pod(kube_api::pod(&spec));
     let cgroup = KubeletCgroup::create(CHURN_UID, CHURN_ID);
     let dir = TempDir::new("k8s-churn");
@@ -327,7 +354,7 @@ fn process_and_pod_churn_leaves_nothing_behind() {
         let uid = format!("0f0f0f0f-1111-4222-8333-{i:012}");
         let name = format!("batch-{i}");
         let containers = [ContainerSpec { name: "job", container_id: CHURN_ID, env: &[] }];
-        let pod = PodSpec { namespace: "shop", name: &name, uid: &uid, node: NODE, labels: &[], owner: None, containers: &containers };
+        let pod = plain_pod("shop", &name, &uid, &containers);
         api.upsert_pod(kube_api::pod(&pod));
         api.delete_pod(&uid);
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::{Path, PathBuf}};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::discovery::selection::{glob, GlobList, Rule};
+use crate::discovery::selection::{glob, BadGlob, GlobList, Rule};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,8 +74,8 @@ pub enum FileError {
 /// A rule value that does not compile.
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
-    #[error("{key}: {pattern:?} is not a valid glob: {source}")]
-    Glob { key: &'static str, pattern: String, source: globset::Error },
+    #[error("{key}: {source}")]
+    Glob { key: &'static str, source: BadGlob },
     #[error("exe_path: {pattern:?} is not a valid regex: {source}")]
     Regex { pattern: String, source: regex::Error },
     #[error("a rule must set at least one key (k8s_namespace, k8s_pod_labels, k8s_owner_name, k8s_deployment, container_name, open_ports, exe_path)")]
@@ -100,11 +100,7 @@ impl RuleSpec {
     pub fn compile(&self) -> Result<Rule, RuleError> {
         let globs = |key: &'static str, value: &Option<OneOrMany<String>>| -> Result<Option<GlobList>, RuleError> {
             let Some(value) = value else { return Ok(None) };
-            let patterns = value.to_vec();
-            GlobList::new(&patterns).map(Some).map_err(|source| {
-                let pattern = patterns.iter().find(|p| glob(p).is_err()).cloned().unwrap_or_default();
-                RuleError::Glob { key, pattern, source }
-            })
+            GlobList::new(&value.to_vec()).map(Some).map_err(|source| RuleError::Glob { key, source })
         };
         let labels = self
             .k8s_pod_labels
@@ -113,8 +109,7 @@ impl RuleSpec {
             .map(|(key, pattern)| {
                 let matcher = glob(pattern).map_err(|source| RuleError::Glob {
                     key: "k8s_pod_labels",
-                    pattern: pattern.clone(),
-                    source,
+                    source: BadGlob { pattern: pattern.clone(), source },
                 })?;
                 Ok((key.clone(), matcher.compile_matcher()))
             })

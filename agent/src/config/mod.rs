@@ -29,7 +29,8 @@ pub struct Cli {
     /// YAML config file: these flags as keys, plus `include`/`exclude` rules (see deploy/base/configmap.yaml).
     #[arg(long, value_name = "PATH", env = "ZEROTEL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Trace this process (repeatable); its children are traced too.
+    /// Trace this process (repeatable); its children are traced too, unless they start in
+    /// another cgroup (a container runtime starting a container).
     #[arg(long = "pid", value_name = "PID", env = "ZEROTEL_PID", value_delimiter = ',')]
     pub pids: Vec<u32>,
     /// Trace processes listening on this TCP port (repeatable).
@@ -98,8 +99,8 @@ pub enum ConfigError {
     #[error("--exe {pattern:?} is not a valid regex: {source}")]
     BadRegex { pattern: String, source: regex::Error },
     /// A namespace glob is invalid.
-    #[error("--k8s-namespace {pattern:?} is not a valid glob: {source}")]
-    BadGlob { pattern: String, source: globset::Error },
+    #[error("{flag} {source}")]
+    BadGlob { flag: &'static str, source: Box<crate::discovery::selection::BadGlob> },
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG name no sampler zerotel can apply.
     #[error("{0}")]
     Sampler(String),
@@ -111,7 +112,7 @@ pub enum ConfigError {
     File(#[from] FileError),
     /// A rule of the config file is invalid.
     #[error("config file {path}: {list} rule {index}: {source}")]
-    Rule { path: PathBuf, list: &'static str, index: usize, source: RuleError },
+    Rule { path: PathBuf, list: &'static str, index: usize, source: Box<RuleError> },
     /// A value of the config file is out of its domain.
     #[error("config file {path}: {key}: {message}")]
     Value { path: PathBuf, key: &'static str, message: String },
@@ -129,6 +130,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// None: no pod metadata (not on Kubernetes, or turned off).
     pub kubernetes: Option<KubeSettings>,
+    /// The user's rules use Kubernetes keys: without the API they would select or exclude wrongly.
+    pub kubernetes_required: bool,
     pub check_only: bool,
 }
 
@@ -155,7 +158,7 @@ impl Config {
             (None, None) => KubernetesMode::Auto,
         };
         let node_name = cli.node_name.clone().or(file.node_name.clone()).or_else(|| env("NODE_NAME")).filter(|n| !n.is_empty());
-        let selection = selection(&cli, &file, &path)?;
+        let (selection, kubernetes_required) = selection(&cli, &file, &path)?;
         let kubernetes = kube_settings(kubernetes_mode, node_name, cli.kubeconfig.clone().or(file.kubeconfig.clone()), &selection)?;
         let otlp_endpoint = cli.otlp_endpoint.as_deref().or(file.otlp_endpoint.as_deref());
         let otlp_protocol = cli.otlp_protocol.as_deref().or(file.otlp_protocol.as_deref());
@@ -169,6 +172,7 @@ impl Config {
             listen: cli.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9464))),
             shutdown_timeout: Duration::from_secs(cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5)),
             kubernetes,
+            kubernetes_required,
             check_only: cli.check_config,
         })
     }
@@ -199,31 +203,38 @@ impl Config {
     }
 }
 
-/// Include rules from the command line replace the file's; excludes add up.
-fn selection(cli: &Cli, file: &FileConfig, path: &std::path::Path) -> Result<Selection, ConfigError> {
+/// Include rules from the command line replace the file's; excludes add up. Also says whether the
+/// rules written by the user (not the default excludes) need pod metadata.
+fn selection(cli: &Cli, file: &FileConfig, path: &std::path::Path) -> Result<(Selection, bool), ConfigError> {
     let compile = |list: &'static str, specs: &Option<Vec<file::RuleSpec>>| -> Result<Vec<Rule>, ConfigError> {
         let specs = specs.iter().flatten().enumerate();
         specs
-            .map(|(i, spec)| spec.compile().map_err(|source| ConfigError::Rule { path: path.into(), list, index: i + 1, source }))
+            .map(|(i, spec)| spec.compile().map_err(|source| ConfigError::Rule { path: path.into(), list, index: i + 1, source: Box::new(source) }))
             .collect()
     };
     let from_cli = cli_includes(cli)?;
     let include = if from_cli.is_empty() { compile("include", &file.include)? } else { from_cli };
     let mut exclude = compile("exclude", &file.exclude)?;
     if !cli.exclude_k8s_namespaces.is_empty() {
-        exclude.push(Rule { k8s_namespace: Some(namespace_globs(&cli.exclude_k8s_namespaces)?), ..Rule::default() });
+        let namespaces = namespace_globs("--exclude-k8s-namespace", &cli.exclude_k8s_namespaces)?;
+        exclude.push(Rule { k8s_namespace: Some(namespaces), ..Rule::default() });
     }
+    let mut selection = Selection { include, exclude };
+    let needs_pod_metadata = selection.uses_kubernetes();
     if !cli.no_default_excludes && file.default_excludes.unwrap_or(true) {
-        exclude.extend(default_excludes());
+        selection.exclude.extend(default_excludes());
     }
-    Ok(Selection { include, exclude })
+    Ok((selection, needs_pod_metadata))
 }
 
 /// `--pid`, `--port` and each `--exe` select on their own (any of them); `--k8s-namespace`
 /// narrows them to those namespaces, or alone selects the namespaces.
 fn cli_includes(cli: &Cli) -> Result<Vec<Rule>, ConfigError> {
-    let namespaces =
-        if cli.k8s_namespaces.is_empty() { None } else { Some(namespace_globs(&cli.k8s_namespaces)?) };
+    let namespaces = if cli.k8s_namespaces.is_empty() {
+        None
+    } else {
+        Some(namespace_globs("--k8s-namespace", &cli.k8s_namespaces)?)
+    };
     let mut rules = Vec::new();
     if !cli.pids.is_empty() {
         rules.push(Rule { pids: cli.pids.clone(), ..Rule::default() });
@@ -244,11 +255,8 @@ fn cli_includes(cli: &Cli) -> Result<Vec<Rule>, ConfigError> {
     Ok(rules)
 }
 
-fn namespace_globs(patterns: &[String]) -> Result<GlobList, ConfigError> {
-    GlobList::new(patterns).map_err(|source| {
-        let pattern = patterns.iter().find(|p| crate::discovery::selection::glob(p).is_err()).cloned().unwrap_or_default();
-        ConfigError::BadGlob { pattern, source }
-    })
+fn namespace_globs(flag: &'static str, patterns: &[String]) -> Result<GlobList, ConfigError> {
+    GlobList::new(patterns).map_err(|source| ConfigError::BadGlob { flag, source: Box::new(source) })
 }
 
 /// The control plane and node add-ons, and telemetry agents (zerotel's own pod included).

@@ -72,6 +72,14 @@ pub struct Discovery {
     next_seeded_id: u64,
 }
 
+/// Whether a newly selected process's existing connections are looked up in procfs.
+#[derive(Debug, Clone, Copy)]
+enum Seed {
+    Connections,
+    /// It just exec'd: nothing of its own yet (and reading /proc/PID/net costs on busy nodes).
+    Nothing,
+}
+
 /// Connection ids the agent makes have the top bit set, so they never collide with the kernel's.
 const SEEDED_ID_BIT: u64 = 1 << 63;
 /// Bound of the per-process caches (processes seen at once).
@@ -108,34 +116,37 @@ impl Discovery {
                 continue;
             }
             let ports = listening.ports_of(&process);
-            let decision = self.decide(pid, &ports, false);
-            seeded.extend(self.apply(pid, decision));
+            let decision = self.decide(pid, &ports);
+            seeded.extend(self.apply(pid, decision, Seed::Connections));
         }
         self.publish_counts();
         seeded
     }
 
-    /// A process executed a program: decide again (it may be another program, or a container
-    /// started in another cgroup) and refresh its resource.
-    pub fn on_exec(&mut self, pid: u32, comm: &str) -> Vec<SeededConn> {
+    /// A process executed a program (reported outside trace-all mode): decide again, as it may
+    /// run another program or have started a container in another cgroup (then the kernel
+    /// already stopped tracing it), and refresh its resource.
+    pub fn on_exec(&mut self, pid: u32, comm: &str) {
         self.resources.remove(&pid);
         self.in_pods.remove(&pid);
-        if self.trace_all {
-            self.resource_with_comm(pid, Some(comm));
-            return Vec::new();
+        if !self.kernel_traces(pid) {
+            self.traced.remove(&pid);
         }
-        let decision = self.decide(pid, &[], false);
-        let seeded = self.apply(pid, decision);
+        let decision = self.decide(pid, &[]);
+        // A new program has no connections of its own yet.
+        self.apply(pid, decision, Seed::Nothing);
+        if self.traced.contains(&pid) {
+            self.resource_with_comm(pid, Some(comm));
+        }
         self.publish_counts();
-        seeded
     }
 
+    /// The kernel already forgot the process (it may be reused by a new one by the time this runs).
     pub fn on_exit(&mut self, pid: u32) {
         self.traced.remove(&pid);
         self.pending.remove(&pid);
         self.in_pods.remove(&pid);
         self.resources.remove(&pid);
-        let _ = self.kernel.traced_pids.remove(&pid);
         self.publish_counts();
     }
 
@@ -143,6 +154,10 @@ impl Discovery {
     pub fn on_pod_update(&mut self, update: PodUpdate) -> Vec<SeededConn> {
         if matches!(update, PodUpdate::Synced) {
             self.pods.apply(update);
+            if self.trace_all {
+                self.resources.clear(); // redecorate; nothing to decide
+                return Vec::new();
+            }
             return self.scan(); // a (re)list: every pod may have changed
         }
         let changed = self.pods.apply(update);
@@ -156,11 +171,10 @@ impl Discovery {
         for pid in pids {
             self.resources.remove(&pid);
             if !self.trace_all {
-                let decision = self.decide(pid, &[], false);
-                seeded.extend(self.apply(pid, decision));
+                let decision = self.decide(pid, &[]);
+                seeded.extend(self.apply(pid, decision, Seed::Connections));
             }
         }
-        self.telemetry.k8s_pods.store(self.pods.len() as u64, Ordering::Relaxed);
         self.publish_counts();
         seeded
     }
@@ -171,8 +185,8 @@ impl Discovery {
         let overdue: Vec<u32> = self.pending.iter().filter(|(_, deadline)| **deadline <= now).map(|(pid, _)| *pid).collect();
         let mut seeded = Vec::new();
         for pid in overdue {
-            let decision = self.decide(pid, &[], true);
-            seeded.extend(self.apply(pid, decision));
+            let decision = self.settle(pid);
+            seeded.extend(self.apply(pid, decision, Seed::Connections));
         }
         if !seeded.is_empty() {
             self.publish_counts();
@@ -225,8 +239,17 @@ impl Discovery {
         container
     }
 
-    /// Match `pid` against the rules; `settle`: decide even without its pod's metadata.
-    fn decide(&mut self, pid: u32, open_ports: &[u16], settle: bool) -> Decision {
+    /// Match `pid` against the rules; Kubernetes keys may be undecided until its pod is known.
+    fn decide(&mut self, pid: u32, open_ports: &[u16]) -> Decision {
+        self.with_facts(pid, open_ports, |selection, facts| selection.decide(facts))
+    }
+
+    /// Match `pid` against the rules without waiting any longer for its pod's metadata.
+    fn settle(&mut self, pid: u32) -> Decision {
+        self.with_facts(pid, &[], |selection, facts| selection.settle(facts))
+    }
+
+    fn with_facts(&mut self, pid: u32, open_ports: &[u16], decide: impl Fn(&Selection, &Facts) -> Decision) -> Decision {
         let exe = exe_path(pid);
         let container = if self.kubernetes { self.container_of(pid) } else { ContainerRef::default() };
         let pod = container.pod_uid.as_deref().and_then(|uid| self.pods.get(uid));
@@ -236,20 +259,19 @@ impl Discovery {
             (None, Some(_)) => PodFacts::Unknown,
             (None, None) => PodFacts::NotInPod,
         };
-        let facts = Facts { pid, exe: exe.as_deref(), open_ports, pod: pod_facts };
-        if settle { self.selection.settle(&facts) } else { self.selection.decide(&facts) }
+        decide(&self.selection, &Facts { pid, exe: exe.as_deref(), open_ports, pod: pod_facts })
     }
 
     /// Act on a decision: trace, stop tracing, or wait for metadata.
-    fn apply(&mut self, pid: u32, decision: Decision) -> Vec<SeededConn> {
+    fn apply(&mut self, pid: u32, decision: Decision, seed: Seed) -> Vec<SeededConn> {
         if decision != Decision::Undecided {
             self.pending.remove(&pid);
         }
         match decision {
-            Decision::Trace if self.traced.contains(&pid) => Vec::new(),
-            Decision::Trace => self.select(pid),
+            Decision::Trace if self.traced.contains(&pid) && self.kernel_traces(pid) => Vec::new(),
+            Decision::Trace => self.select(pid, seed),
             Decision::Excluded => {
-                self.untrace(pid);
+                self.untrace_container_of(pid);
                 Vec::new()
             }
             // A fork of a traced process stays traced in its own cgroup (children of --pid).
@@ -270,8 +292,23 @@ impl Discovery {
         self.trace_all || self.kernel.traced_pids.get(&pid, 0).is_ok()
     }
 
+    /// Stop tracing `pid` and every other process of its container: forks that never exec'd
+    /// (worker processes) inherited its tracing without the agent hearing of them.
+    fn untrace_container_of(&mut self, pid: u32) {
+        self.untrace(pid);
+        let Some(container_id) = self.container_of(pid).container_id else { return };
+        for process in procfs::process::all_processes().into_iter().flatten().flatten() {
+            let other = process.pid as u32;
+            if other != pid && self.kernel_traces(other) && cgroup::for_pid(other).container_id.as_ref() == Some(&container_id) {
+                self.untrace(other);
+            }
+        }
+    }
+
     fn untrace(&mut self, pid: u32) {
-        if self.traced.remove(&pid) | self.kernel.traced_pids.remove(&pid).is_ok() {
+        let was_selected = self.traced.remove(&pid);
+        let was_traced = self.kernel.traced_pids.remove(&pid).is_ok();
+        if was_selected || was_traced {
             log::info!("not tracing pid {pid}: excluded");
         }
     }
@@ -281,18 +318,28 @@ impl Discovery {
         self.telemetry.processes_pending.store(self.pending.len() as u64, Ordering::Relaxed);
     }
 
-    /// Trace `pid`: kernel map, resource, and its established TCP connections.
-    fn select(&mut self, pid: u32) -> Vec<SeededConn> {
+    /// Trace `pid`: kernel map, resource, and (`Seed::Connections`) its established TCP
+    /// connections.
+    fn select(&mut self, pid: u32, seed: Seed) -> Vec<SeededConn> {
         if !self.trace_all {
-            if let Err(e) = self.kernel.traced_pids.insert(pid, limits::CGROUP_UNRECORDED, 0) {
-                log::warn!("cannot trace pid {pid}: {e}");
-                return Vec::new();
+            // An entry the kernel has (a traced fork) keeps the cgroup it recorded.
+            const BPF_NOEXIST: u64 = 1;
+            match self.kernel.traced_pids.insert(pid, limits::CGROUP_UNRECORDED, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    log::warn!("cannot trace pid {pid}: {e}");
+                    return Vec::new();
+                }
             }
         }
         self.traced.insert(pid);
         let resource = self.resource(pid);
-        log::info!("tracing pid {pid} ({})", resource.service_name());
-        self.seed_connections(pid)
+        log::debug!("tracing pid {pid} ({})", resource.service_name());
+        match seed {
+            Seed::Connections => self.seed_connections(pid),
+            Seed::Nothing => Vec::new(),
+        }
     }
 
     fn seed_connections(&mut self, pid: u32) -> Vec<SeededConn> {

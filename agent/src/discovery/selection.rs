@@ -33,13 +33,22 @@ pub struct GlobList {
     set: GlobSet,
 }
 
+/// A glob that does not compile, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{pattern:?} is not a valid glob: {source}")]
+pub struct BadGlob {
+    pub pattern: String,
+    pub source: globset::Error,
+}
+
 impl GlobList {
-    pub fn new(patterns: &[String]) -> Result<Self, globset::Error> {
+    pub fn new(patterns: &[String]) -> Result<Self, BadGlob> {
         let mut builder = GlobSetBuilder::new();
         for pattern in patterns {
-            builder.add(glob(pattern)?);
+            builder.add(glob(pattern).map_err(|source| BadGlob { pattern: pattern.clone(), source })?);
         }
-        Ok(Self { patterns: patterns.to_vec(), set: builder.build()? })
+        let set = builder.build().map_err(|source| BadGlob { pattern: patterns.join(","), source })?;
+        Ok(Self { patterns: patterns.to_vec(), set })
     }
 
     pub fn matches(&self, name: &str) -> bool {
@@ -242,6 +251,11 @@ impl Selection {
     /// Include rules need pod metadata (without it they match nothing).
     pub fn includes_by_kubernetes(&self) -> bool {
         self.include.iter().any(Rule::uses_kubernetes)
+    }
+
+    /// Some rule needs pod metadata.
+    pub fn uses_kubernetes(&self) -> bool {
+        self.include.iter().chain(&self.exclude).any(Rule::uses_kubernetes)
     }
 
     /// Ports some rule looks at (their listeners are looked up on rescans).

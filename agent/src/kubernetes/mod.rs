@@ -5,7 +5,12 @@
 
 pub mod pod;
 
-use std::{collections::{HashMap, HashSet}, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_util::StreamExt;
 use k8s_openapi::{
@@ -47,7 +52,9 @@ pub enum KubeError {
 }
 
 /// Longest wait for an owner look-up: a slow API must not hold the pod stream.
-const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a failed look-up (forbidden, timed out) is not retried.
+const OWNER_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Owners remembered (ReplicaSets and Jobs come and go with rollouts).
 const MAX_CACHED_OWNERS: usize = 4096;
 
@@ -125,10 +132,19 @@ async fn upsert(pod: &Pod, owners: &mut Owners) -> Option<PodUpdate> {
     Some(PodUpdate::Upsert(meta))
 }
 
-/// Owners of ReplicaSets and Jobs, looked up once each.
+/// (namespace, kind, name) of a pod's controller.
+type OwnerKey = (String, String, String);
+
+/// Owners of ReplicaSets and Jobs, looked up once each (failures again after a while).
 struct Owners {
     client: Client,
-    cache: HashMap<(String, String, String), Option<(String, String)>>,
+    cache: HashMap<OwnerKey, CachedOwner>,
+}
+
+struct CachedOwner {
+    parent: Option<(String, String)>,
+    /// Set when the look-up failed and `parent` is a guess.
+    retry_at: Option<Instant>,
 }
 
 impl Owners {
@@ -140,28 +156,27 @@ impl Owners {
     async fn parent_of(&mut self, pod: &PodMeta) -> Option<(String, String)> {
         let (kind, name) = pod.controller()?;
         let key = (pod.namespace.clone(), kind.to_owned(), name.to_owned());
-        if let Some(cached) = self.cache.get(&key) {
-            return cached.clone();
+        if let Some(cached) = self.cache.get(&key).filter(|c| c.retry_at.is_none_or(|at| Instant::now() < at)) {
+            return cached.parent.clone();
         }
         let looked_up = match kind {
             "ReplicaSet" => self.controller_of::<ReplicaSet>(&pod.namespace, name).await,
             "Job" => self.controller_of::<Job>(&pod.namespace, name).await,
             _ => Ok(None),
         };
-        match looked_up {
-            Ok(parent) => {
-                if self.cache.len() >= MAX_CACHED_OWNERS {
-                    self.cache.clear();
-                }
-                self.cache.insert(key, parent.clone());
-                parent
-            }
+        let cached = match looked_up {
+            Ok(parent) => CachedOwner { parent, retry_at: None },
             Err(e) => {
                 log::debug!("owner of {kind} {}/{name}: {e}", pod.namespace);
-                // Not cached: the next event of this pod tries again.
-                deployment_by_hash(pod)
+                CachedOwner { parent: deployment_by_hash(pod), retry_at: Some(Instant::now() + OWNER_RETRY_AFTER) }
             }
+        };
+        if self.cache.len() >= MAX_CACHED_OWNERS {
+            self.cache.clear();
         }
+        let parent = cached.parent.clone();
+        self.cache.insert(key, cached);
+        parent
     }
 
     async fn controller_of<K>(&self, namespace: &str, name: &str) -> Result<Option<(String, String)>, String>
@@ -210,9 +225,7 @@ mod tests {
         assert_eq!(deployment_by_hash(&pod), Some(("Deployment".into(), "web".into())));
         let job = PodMeta { owners: vec![("Job".into(), "web-5d8f".into())], ..pod.clone() };
         assert_eq!(deployment_by_hash(&job), None);
-        let other = PodMeta { labels: BTreeMap::new(), ..pod };
+        let other = PodMeta { labels: Default::default(), ..pod };
         assert_eq!(deployment_by_hash(&other), None);
     }
-
-    use std::collections::BTreeMap;
 }

@@ -1,7 +1,10 @@
 //! What zerotel keeps of a pod (a few strings, not the whole object) and the store of this node's
 //! pods, indexed by the pod UID found in a process's cgroup path. Pure: no I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -122,16 +125,29 @@ pub enum PodUpdate {
     Synced,
 }
 
+/// How long a deleted pod is remembered: its processes may run through a long termination grace
+/// period, and must stay recognised (an excluded pod must not become "unknown" and be traced).
+const DELETED_POD_TTL: Duration = Duration::from_secs(600);
+/// Bound of the deleted pods remembered (a burst of deletions).
+const MAX_DELETED_PODS: usize = 4096;
+
 /// This node's pods by UID (and by static-pod config UID).
 #[derive(Debug, Default)]
 pub struct PodStore {
     pods: HashMap<String, PodMeta>,
     config_uids: HashMap<String, String>,
+    /// Deleted pods still in `pods`, oldest first.
+    deleted: VecDeque<(Instant, String)>,
 }
 
 impl PodStore {
     /// Apply an update; returns the UIDs (as cgroup paths show them) whose metadata changed.
     pub fn apply(&mut self, update: PodUpdate) -> Vec<String> {
+        self.apply_at(update, Instant::now())
+    }
+
+    fn apply_at(&mut self, update: PodUpdate, now: Instant) -> Vec<String> {
+        self.forget_deleted(now);
         match update {
             PodUpdate::Upsert(pod) => {
                 let mut changed = vec![pod.uid.clone()];
@@ -146,14 +162,25 @@ impl PodStore {
                 changed
             }
             PodUpdate::Delete { uid } => {
-                let mut changed = vec![uid.clone()];
-                if let Some(config_uid) = self.pods.remove(&uid).and_then(|p| p.config_uid) {
-                    self.config_uids.remove(&config_uid);
-                    changed.push(config_uid);
+                // Kept for a while, unchanged: nothing to redo.
+                if self.pods.contains_key(&uid) {
+                    self.deleted.push_back((now, uid));
                 }
-                changed
+                Vec::new()
             }
             PodUpdate::Synced => Vec::new(),
+        }
+    }
+
+    fn forget_deleted(&mut self, now: Instant) {
+        while let Some((deleted_at, uid)) = self.deleted.front() {
+            if now.duration_since(*deleted_at) < DELETED_POD_TTL && self.deleted.len() <= MAX_DELETED_PODS {
+                break;
+            }
+            if let Some(config_uid) = self.pods.remove(uid).and_then(|p| p.config_uid) {
+                self.config_uids.remove(&config_uid);
+            }
+            self.deleted.pop_front();
         }
     }
 
@@ -162,6 +189,8 @@ impl PodStore {
         self.pods.get(uid).or_else(|| self.pods.get(self.config_uids.get(uid)?))
     }
 
+    /// Pods remembered, deleted ones included.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.pods.len()
     }
@@ -228,7 +257,10 @@ mod tests {
         assert_eq!(store.apply(PodUpdate::Upsert(meta.clone())), vec!["u-1".to_owned(), "cfg-9".to_owned()]);
         assert!(store.apply(PodUpdate::Upsert(meta)).is_empty(), "no change, nothing to redo");
         assert_eq!(store.get("cfg-9").map(|p| p.name.as_str()), Some("web-5d8f-x2k"));
-        store.apply(PodUpdate::Delete { uid: "u-1".into() });
+        let deleted = Instant::now();
+        store.apply_at(PodUpdate::Delete { uid: "u-1".into() }, deleted);
+        assert!(store.get("u-1").is_some(), "a terminating pod's processes are still recognised");
+        store.apply_at(PodUpdate::Synced, deleted + DELETED_POD_TTL);
         assert!(store.get("cfg-9").is_none() && store.get("u-1").is_none() && store.len() == 0);
     }
 

@@ -221,8 +221,7 @@ impl Assembler {
     }
 
     fn on_exec(&mut self, e: &ProcessEvent) {
-        let seeded = self.discovery.on_exec(e.header.pid, e.comm());
-        self.adopt(seeded);
+        self.discovery.on_exec(e.header.pid, e.comm());
     }
 
     /// A process ended: its sockets closed without close(2), so end them here.

@@ -75,7 +75,8 @@ pub mod limits {
     /// Ring buffer size: 8 MiB holds about 7k captured heads (150 ms at 100k events/s) while the
     /// agent, which drains every 20 ms, catches up. Its pages count twice in the agent's RSS.
     pub const EVENTS_BYTES: u32 = 8 << 20;
-    pub const TRACED_PIDS: u32 = 16_384;
+    /// Processes and their threads (fork cannot tell them apart): a node's worth of both.
+    pub const TRACED_PIDS: u32 = 65_536;
     /// TRACED_PIDS value until the process's first traced syscall records its cgroup v2 id.
     pub const CGROUP_UNRECORDED: u64 = 0;
     pub const CONNS: u32 = 65_536;

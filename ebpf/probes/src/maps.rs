@@ -119,13 +119,17 @@ pub fn trace_all() -> bool {
     unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
 }
 
+#[inline(always)]
+fn agent_pid() -> u32 {
+    // SAFETY: a read-only global set before load.
+    unsafe { core::ptr::read_volatile(&AGENT_PID) }
+}
+
 /// True when the current process is traced (read-only: for programs outside syscall context).
 #[inline(always)]
 pub fn is_traced(tgid: u32) -> bool {
-    // SAFETY: read-only globals set before load.
-    let (all, agent) = unsafe { (core::ptr::read_volatile(&TRACE_ALL), core::ptr::read_volatile(&AGENT_PID)) };
-    if all != 0 {
-        return tgid != agent;
+    if trace_all() {
+        return tgid != agent_pid();
     }
     // SAFETY: the value is a plain u64 and only compared against None.
     unsafe { TRACED_PIDS.get(tgid).is_some() }
@@ -135,10 +139,8 @@ pub fn is_traced(tgid: u32) -> bool {
 /// traced syscall records the cgroup it runs in (see `zt_sched_exec`).
 #[inline(always)]
 pub fn is_traced_syscall(tgid: u32) -> bool {
-    // SAFETY: read-only globals set before load.
-    let (all, agent) = unsafe { (core::ptr::read_volatile(&TRACE_ALL), core::ptr::read_volatile(&AGENT_PID)) };
-    if all != 0 {
-        return tgid != agent;
+    if trace_all() {
+        return tgid != agent_pid();
     }
     let Some(cgroup) = TRACED_PIDS.get_ptr_mut(tgid) else {
         return false;

@@ -14,15 +14,20 @@ use crate::{
 };
 
 /// sched/sched_process_fork: `pid_t parent_pid` at 12, `pid_t child_pid` at 20. The child of a traced
-/// process is traced from its first instruction, in the same cgroup. Threads get an entry too (the
-/// tracepoint cannot tell them apart); sched_process_exit removes it when the thread ends.
+/// process is traced from its first instruction, in the cgroup the parent runs in now (a fork does not
+/// change cgroups). Threads get an entry too (the tracepoint cannot tell them apart);
+/// sched_process_exit removes it when the thread ends.
 #[tracepoint]
 pub fn zt_sched_fork(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a plain u64 copied out at once.
-    let Some(cgroup) = (unsafe { TRACED_PIDS.get(tgid) }).copied() else {
+    let Some(mut cgroup) = (unsafe { TRACED_PIDS.get(tgid) }).copied() else {
         return 0;
     };
+    if cgroup == CGROUP_UNRECORDED {
+        // SAFETY: a helper without arguments; this runs in the parent.
+        cgroup = unsafe { bpf_get_current_cgroup_id() };
+    }
     // SAFETY: offset from the tracepoint format.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(20) } {
         let _ = TRACED_PIDS.insert(child as u32, cgroup, 0);
@@ -30,17 +35,24 @@ pub fn zt_sched_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched/sched_process_exec: reported for every process so the agent can match the new program.
-/// A traced process that runs a program in another cgroup than it was selected in (a container
-/// runtime starting a container: it moves into the container's cgroup, then execs) stops being
-/// traced here, before the program's first instruction: only the agent may select it again, so a
-/// pod its rules exclude never sends an event.
+/// sched/sched_process_exec: `pid_t pid` at 12, `pid_t old_pid` at 16. Reported for every process so
+/// the agent can match the new program. A traced process that runs a program in another cgroup than
+/// the one it was traced in (a container runtime starting a container: it moves into the
+/// container's cgroup, then execs) stops being traced here, before the program's first
+/// instruction: only the agent may select it again, so a pod its rules exclude never sends an event.
 #[tracepoint]
-pub fn zt_sched_exec(_ctx: TracePointContext) -> u32 {
+pub fn zt_sched_exec(ctx: TracePointContext) -> u32 {
     if trace_all() {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A thread other than the leader exec'd: it took the leader's pid; its own entry is stale.
+    // SAFETY: offset from the tracepoint format.
+    if let Ok(old_pid) = unsafe { ctx.read_at::<i32>(16) } {
+        if old_pid as u32 != tgid {
+            let _ = TRACED_PIDS.remove(old_pid as u32);
+        }
+    }
     // SAFETY: a plain u64 copied out at once.
     if let Some(cgroup) = unsafe { TRACED_PIDS.get(tgid) }.copied() {
         // SAFETY: a helper without arguments.
@@ -52,8 +64,9 @@ pub fn zt_sched_exec(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched/sched_process_exit: `pid_t pid` at 24, `bool group_dead` at 32. Reported for every
-/// process, like exec, so the agent forgets processes it waited on or excluded, not only traced ones.
+/// sched/sched_process_exit: `pid_t pid` at 24, `bool group_dead` at 32. The last thread of a
+/// process reports its exit: every process outside trace-all mode (so the agent also forgets
+/// processes it waited on or excluded), only traced ones in it.
 #[tracepoint]
 pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -61,17 +74,15 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let _ = THREAD_CONTEXT.remove(pid_tgid);
     if tid != tgid {
         let _ = TRACED_PIDS.remove(tid);
-        return 0;
     }
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
     if !group_dead {
         return 0;
     }
-    if is_traced(tgid) {
-        let _ = TRACED_PIDS.remove(tgid);
-        emit(kind::PROCESS_EXIT);
-    } else if !trace_all() {
+    let traced = is_traced(tgid);
+    let _ = TRACED_PIDS.remove(tgid);
+    if traced || !trace_all() {
         emit(kind::PROCESS_EXIT);
     }
     0
