@@ -183,14 +183,15 @@ impl Discovery {
     pub fn settle_overdue(&mut self) -> Vec<SeededConn> {
         let now = Instant::now();
         let overdue: Vec<u32> = self.pending.iter().filter(|(_, deadline)| **deadline <= now).map(|(pid, _)| *pid).collect();
+        if overdue.is_empty() {
+            return Vec::new();
+        }
         let mut seeded = Vec::new();
         for pid in overdue {
             let decision = self.settle(pid);
             seeded.extend(self.apply(pid, decision, Seed::Connections));
         }
-        if !seeded.is_empty() {
-            self.publish_counts();
-        }
+        self.publish_counts();
         seeded
     }
 
@@ -271,7 +272,9 @@ impl Discovery {
             Decision::Trace if self.traced.contains(&pid) && self.kernel_traces(pid) => Vec::new(),
             Decision::Trace => self.select(pid, seed),
             Decision::Excluded => {
-                self.untrace_container_of(pid);
+                if self.traced.contains(&pid) || self.kernel_traces(pid) {
+                    self.untrace_container_of(pid);
+                }
                 Vec::new()
             }
             // A fork of a traced process stays traced in its own cgroup (children of --pid).
