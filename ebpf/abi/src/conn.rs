@@ -13,6 +13,8 @@ pub mod protocol {
     /// No payload seen yet.
     pub const UNKNOWN: u8 = 0;
     pub const HTTP1: u8 = 1;
+    /// PostgreSQL frontend/backend protocol 3.
+    pub const POSTGRES: u8 = 2;
     /// Something zerotel does not parse: its bytes stay in the kernel.
     pub const OTHER: u8 = 255;
 }
@@ -46,6 +48,25 @@ pub struct ConnState {
     /// A client sent a request and has not read a byte of the answer yet: its next sends are that
     /// request's body, which propagation must never touch.
     pub request_outstanding: u8,
+    /// PostgreSQL: still in the startup phase (untyped messages; an SSLRequest's answer is one byte).
+    pub pg_startup: u8,
+    pub _pad: [u8; 2],
+    /// PostgreSQL, per direction: where the stream stands between two syscalls.
+    pub pg: [PgStream; 2],
+}
+
+/// Where a PostgreSQL byte stream stands at the end of a syscall, so the next one starts on a
+/// message boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgStream {
+    /// Bytes of the current message still to come before the next header.
+    pub skip: u32,
+    /// Bulk messages (DataRow, CopyData) not reported yet.
+    pub bulk: u32,
+    /// The first bytes of a header split across syscalls, and how many.
+    pub partial: [u8; 4],
+    pub partial_len: u8,
     pub _pad: [u8; 3],
 }
 

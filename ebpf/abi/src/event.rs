@@ -13,6 +13,54 @@ pub mod kind {
     pub const CONN_CLOSE: u32 = 4;
     pub const PROCESS_EXEC: u32 = 5;
     pub const PROCESS_EXIT: u32 = 6;
+    /// One PostgreSQL message of a traced connection: [`super::PgMessageEvent`].
+    pub const PG_MESSAGE: u32 = 7;
+}
+
+/// Body bytes a PostgreSQL message record carries at most (a power of two: the verifier bounds
+/// reads with it). Enough for a statement name and most query texts; longer ones are truncated.
+pub const PG_BODY: usize = 512;
+
+/// A PostgreSQL message type byte for untyped startup-phase messages (StartupMessage, SSLRequest,
+/// CancelRequest, GSSENCRequest: length + code, no type byte).
+pub const PG_UNTYPED: u8 = 0;
+
+/// One PostgreSQL message, found by walking the message headers of a syscall's bytes (so message
+/// boundaries survive any read size). Bulk messages (DataRow, CopyData) are only counted, in the
+/// next record of the same direction. Sent with only `head.captured` bytes of `body`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgMessageEvent {
+    pub head: PgMessageHead,
+    pub body: [u8; PG_BODY],
+}
+
+/// Everything of a [`PgMessageEvent`] but its body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgMessageHead {
+    /// `ts_ns`: when the syscall that moved the message returned.
+    pub header: EventHeader,
+    pub conn_id: u64,
+    /// When that syscall started.
+    pub start_ns: u64,
+    /// The message's length field (includes itself, not the type byte); 0 for a bare answer byte
+    /// to SSLRequest/GSSENCRequest.
+    pub len: u32,
+    /// Bulk messages in this direction since the previous record.
+    pub bulk_before: u32,
+    /// [`crate::direction`].
+    pub direction: u8,
+    /// The type byte, or [`PG_UNTYPED`].
+    pub msg_type: u8,
+    /// Body bytes that follow (after the length field).
+    pub captured: u16,
+    pub _pad: u32,
+}
+
+impl PgMessageEvent {
+    /// Bytes of the record before `body`.
+    pub const HEAD_SIZE: usize = core::mem::size_of::<PgMessageHead>();
 }
 
 #[repr(C)]

@@ -2,7 +2,7 @@
 
 use crate::{
     ConnCloseEvent, ConnOpenEvent, ConnState, DataEvent, DataMeta, EventHeader, KernelOffsets,
-    ProcessEvent, SpanIds, kind,
+    PgMessageHead, ProcessEvent, SpanIds, kind, PG_BODY,
 };
 
 // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with explicit padding.
@@ -21,6 +21,8 @@ pub enum Event<'a> {
     ConnClose(ConnCloseEvent),
     ProcessExec(ProcessEvent),
     ProcessExit(ProcessEvent),
+    /// A PostgreSQL message and the first bytes of its body.
+    PgMessage(PgMessageHead, &'a [u8]),
 }
 
 /// Why a record could not be decoded.
@@ -60,6 +62,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::PROCESS_EXIT => read(bytes, header.kind).map(Event::ProcessExit),
         kind::DATA_META => read(bytes, header.kind).map(|m| Event::Data(m, None, &[])),
         kind::DATA => decode_data(bytes),
+        kind::PG_MESSAGE => decode_pg(bytes),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -74,6 +77,16 @@ fn decode_data(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         .get(start..start + captured)
         .ok_or(DecodeError::Truncated { kind: kind::DATA, len: bytes.len() })?;
     Ok(Event::Data(meta, (ids.valid == 1).then_some(ids), payload))
+}
+
+fn decode_pg(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let head: PgMessageHead = read(bytes, kind::PG_MESSAGE)?;
+    let start = core::mem::size_of::<PgMessageHead>();
+    let captured = (head.captured as usize).min(PG_BODY);
+    let body = bytes
+        .get(start..start + captured)
+        .ok_or(DecodeError::Truncated { kind: kind::PG_MESSAGE, len: bytes.len() })?;
+    Ok(Event::PgMessage(head, body))
 }
 
 impl ProcessEvent {

@@ -10,6 +10,7 @@ mod classify;
 mod conns;
 mod context;
 mod maps;
+mod postgres;
 mod process;
 mod propagation;
 mod syscalls;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, Sampler, SpanIds, ThreadContext};
+use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, ThreadContext};
 
 /// Events for the agent.
 #[map]
@@ -51,6 +51,14 @@ pub static INJECTED: LruHashMap<u64, SpanIds> =
 /// Drop counters (`zerotel_abi::counters`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(zerotel_abi::counters::COUNT, 0);
+
+/// Per-CPU room to build a PostgreSQL message record (too big for the stack).
+#[map]
+pub static PG_SCRATCH: PerCpuArray<PgMessageEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU state of the PostgreSQL message walk (`postgres::walk`).
+#[map]
+pub static PG_WALK: PerCpuArray<crate::postgres::Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch word (see `propagation::launder`).
 #[map]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use zerotel_abi::{
-    buffer, conn_key, counters, direction, kind, protocol, role, DataEvent, DataMeta, InFlight, SpanIds,
+    buffer, conn_key, counters, direction, kind, protocol, role, ConnState, DataEvent, DataMeta, InFlight, SpanIds,
     MAX_CAPTURE,
 };
 
@@ -16,6 +16,7 @@ use crate::{
     classify::{is_http_request_start, is_http_response_start, is_http_start},
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
+    postgres,
     maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
 };
 
@@ -135,11 +136,20 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let prefix = read_prefix(data, avail);
     // Classify once, from enough bytes: a shorter first read ("GE") is not yet evidence either way.
     if conn.protocol == protocol::UNKNOWN && (avail >= 8 || is_http_start(&prefix)) {
-        conn.protocol = if is_http_start(&prefix) { protocol::HTTP1 } else { protocol::OTHER };
+        conn.protocol = classify(conn, &prefix);
     }
     let dir = (call.direction & 1) as usize;
     let seq = conn.seq[dir];
     conn.seq[dir] = seq + len;
+    if conn.protocol == protocol::POSTGRES {
+        if avail < len {
+            // Bytes beyond the first iovec: the message walk would lose its place.
+            conn.protocol = protocol::OTHER;
+            return Ok(());
+        }
+        postgres::walk(conn, call.direction, data, len, header(kind::PG_MESSAGE, pid_tgid), call.start_ns);
+        return Ok(());
+    }
     if conn.protocol != protocol::HTTP1 {
         return Ok(());
     }
@@ -170,6 +180,19 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     }
     if capture { emit_with_payload(meta, data, avail, moment) } else { emit_meta(meta) }
     Ok(())
+}
+
+/// A connection's protocol, from its first bytes.
+#[inline(always)]
+fn classify(conn: &mut ConnState, prefix: &[u8; 8]) -> u8 {
+    if is_http_start(prefix) {
+        protocol::HTTP1
+    } else if postgres::is_startup(prefix) {
+        conn.pg_startup = postgres::STARTUP_UNTYPED;
+        protocol::POSTGRES
+    } else {
+        protocol::OTHER
+    }
 }
 
 /// What a segment means for trace context.
