@@ -113,7 +113,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
         None => false,
     };
     let discovery = Discovery::new(config.selection, watching, kernel, BaseResource::from_env(env), telemetry.clone());
-    let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler);
+    let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler, config.query_text);
     assembler.initial_scan();
 
     let (events_tx, events_rx) = mpsc::channel(QUEUE_BATCHES);

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod clients;
 pub mod kube_api;
 pub mod otlp;
+pub mod postgres;
 pub mod print;
 pub mod process;
 pub mod servers;
@@ -22,6 +23,7 @@ pub use agent::{pid_args, propagating_pid_args, Agent};
 pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
 pub use kube_api::FakeKubeApi;
 pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedSpan, SpanKind, Value};
+pub use postgres::Postgres;
 pub use servers::{Nginx, NodeServer, PyServer};
 
 /// How long to wait for spans to reach the receiver (the agent batches for ~1-2 s).

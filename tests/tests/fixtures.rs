@@ -15,10 +15,11 @@ use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSp
 use prost::Message;
 use zerotel_tests::clients::{parse_curl_output, parse_urllib_output, KeepAliveClient};
 use zerotel_tests::kube_api::{pod, replica_set, ContainerSpec, PodSpec};
+use zerotel_tests::postgres::psycopg_python;
 use zerotel_tests::util::{http_get, TempDir};
 use zerotel_tests::{
     curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, FakeKubeApi, Nginx, NodeServer,
-    OtlpReceiver, Protocol, PyServer, SpanKind, Value, SPAN_TIMEOUT,
+    OtlpReceiver, Postgres, Protocol, PyServer, SpanKind, Value, SPAN_TIMEOUT,
 };
 
 #[test]
@@ -258,4 +259,48 @@ fn fake_kube_api_outage_closes_watches_and_answers_500() {
     assert_eq!((status, body["code"].as_u64()), (500, Some(500)), "{body}");
     api.set_unavailable(false);
     assert_eq!(kube_get(&api, "/api/v1/pods").0, 200);
+}
+
+/// Prepares a parameterised query (extended protocol), runs it twice and
+/// prints "<name> <server major> <prepared statements of the session>".
+const PSYCOPG_PREPARED_QUERY: &str = r#"
+import sys
+import psycopg
+
+with psycopg.connect(sys.argv[1]) as conn:
+    for _ in range(2):
+        name = conn.execute("SELECT name FROM items WHERE id = %s", (1,), prepare=True).fetchone()[0]
+    prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+    print(name, conn.info.server_version // 10000, prepared)
+"#;
+
+#[test]
+fn postgres_serves_psql_psycopg_and_pgbench() {
+    let started = Instant::now();
+    let postgres = Postgres::start();
+    let (ok, stdout, stderr) = postgres.psql(
+        "CREATE TABLE items (id int PRIMARY KEY, name text); \
+         INSERT INTO items VALUES (1, 'one'), (2, 'two'); \
+         SELECT name FROM items WHERE id = 2;",
+    );
+    assert!(ok, "psql failed: {stderr}\nserver log:\n{}", postgres.log());
+    let rows: Vec<&str> = stdout.lines().map(str::trim).collect();
+    assert_eq!(rows, ["name", "------", "two", "(1 row)", ""], "psql stdout:\n{stdout}");
+    let (ok, _, stderr) = postgres.psql("SELECT * FROM missing");
+    assert!(!ok && stderr.contains("relation \"missing\" does not exist"), "psql stderr: {stderr}");
+
+    let output = Command::new(psycopg_python())
+        .args(["-c", PSYCOPG_PREPARED_QUERY, &postgres.conninfo()])
+        .output()
+        .expect("run the psycopg script");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "psycopg script failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.trim(), "one 15 1", "name, server major, prepared statements");
+
+    let output = postgres.pgbench_command("prepared", 20).output().expect("run pgbench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("query mode: prepared"), "pgbench stdout:\n{stdout}");
+    assert!(stdout.contains("number of transactions actually processed: 20/20"), "pgbench stdout:\n{stdout}");
+    eprintln!("postgres fixture test took {:?}", started.elapsed());
 }

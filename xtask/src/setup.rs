@@ -295,8 +295,13 @@ fn ensure_peers() -> Result<()> {
     Ok(())
 }
 
-/// Validates the deploy/ manifests offline against real Kubernetes schemas (PyPI).
+/// Commands installed from PyPI, checked by presence on PATH: kubernetes-validate validates the
+/// deploy/ manifests offline against real Kubernetes schemas.
 const PIP_PEERS: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate==1.37.0")];
+/// Python modules installed from PyPI, checked by `python3` finding them: psycopg 3 is the Python
+/// PostgreSQL client of the tests (plain, not `[binary]`: it loads the system libpq5 that comes
+/// with postgresql).
+const PIP_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg==3.3.9")];
 
 fn ensure_pip_peers() -> Result<()> {
     for (cmd, requirement) in PIP_PEERS {
@@ -304,14 +309,42 @@ fn ensure_pip_peers() -> Result<()> {
             continue;
         }
         eprintln!("setup: missing {cmd}: installing {requirement} with pip");
-        run_checked(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement])).with_context(|| {
-            format!("installing {requirement} with pip failed: install it by hand (python3 -m pip install '{requirement}')")
-        })?;
+        pip_install(requirement)?;
         if find_cmd(cmd).is_none() {
             bail!("{cmd} is still not on PATH after pip install: add pip's script directory to PATH");
         }
     }
+    for (module, requirement) in PIP_MODULES {
+        if python_finds_module(module)? {
+            continue;
+        }
+        eprintln!(
+            "setup: python3 cannot find the module {module}: installing {requirement} with pip"
+        );
+        pip_install(requirement)?;
+        if !python_finds_module(module)? {
+            bail!(
+                "python3 still cannot find the module {module} after pip install: \
+                 check which python3 pip installed into"
+            );
+        }
+    }
     Ok(())
+}
+
+fn pip_install(requirement: &str) -> Result<()> {
+    run_checked(Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement])).with_context(|| {
+        format!("installing {requirement} with pip failed: install it by hand (python3 -m pip install '{requirement}')")
+    })
+}
+
+/// Whether `python3` finds `module`, without importing it: importing psycopg loads libpq, which
+/// apt installs only after the pip peers.
+fn python_finds_module(module: &str) -> Result<bool> {
+    let script =
+        "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)";
+    let status = util::status_of(Command::new("python3").args(["-c", script, module]))?;
+    Ok(status.success())
 }
 
 fn apt_install() -> Result<()> {

@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use zerotel_abi::{
     user::{decode, Event},
-    ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, SpanIds,
+    ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, SpanIds,
 };
 
 use crate::telemetry::Telemetry;
@@ -26,6 +26,8 @@ pub enum CapturedEvent {
     ConnClose(ConnCloseEvent),
     ProcessExec(ProcessEvent),
     ProcessExit(ProcessEvent),
+    /// A PostgreSQL message and the first bytes of its body.
+    PgMessage { head: PgMessageHead, body: Vec<u8> },
 }
 
 impl From<Event<'_>> for CapturedEvent {
@@ -36,6 +38,7 @@ impl From<Event<'_>> for CapturedEvent {
             Event::ConnClose(e) => Self::ConnClose(e),
             Event::ProcessExec(e) => Self::ProcessExec(e),
             Event::ProcessExit(e) => Self::ProcessExit(e),
+            Event::PgMessage(head, body) => Self::PgMessage { head, body: body.to_vec() },
         }
     }
 }

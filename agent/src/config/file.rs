@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub kubernetes: Option<String>,
     pub node_name: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    /// Export SQL with its literals (default false: replaced by `?`).
+    pub raw_sql: Option<bool>,
 }
 
 /// One rule as written: every key given must match; lists match any element.

@@ -14,6 +14,7 @@ use crate::{
     export::{ExportConfig, ExportConfigError, OtlpConfig},
     kubernetes::KubeSettings,
     probes::Propagation,
+    spans::db::QueryText,
 };
 use file::{FileConfig, FileError, RuleError};
 
@@ -80,6 +81,10 @@ pub struct Cli {
     /// Kubeconfig to reach the API with [default: in-cluster service account, else $KUBECONFIG].
     #[arg(long, value_name = "PATH", env = "ZEROTEL_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Export SQL statements as sent, literals included (by default they are replaced by `?`:
+    /// literals may be personal data).
+    #[arg(long, env = "ZEROTEL_RAW_SQL")]
+    pub raw_sql: bool,
     /// Validate the configuration, print the effective selection and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -133,6 +138,7 @@ pub struct Config {
     /// The user's rules use Kubernetes keys: without the API they would select or exclude wrongly.
     pub kubernetes_required: bool,
     pub check_only: bool,
+    pub query_text: QueryText,
 }
 
 /// Executables of telemetry agents (their traffic is telemetry, not the application's).
@@ -174,6 +180,7 @@ impl Config {
             kubernetes,
             kubernetes_required,
             check_only: cli.check_config,
+            query_text: if cli.raw_sql || file.raw_sql.unwrap_or(false) { QueryText::Raw } else { QueryText::Sanitized },
         })
     }
 }

@@ -1,4 +1,4 @@
-//! Connection table: per tracked connection, its addresses, role, HTTP/1 decoder and the byte
+//! Connection table: per tracked connection, its addresses, role, protocol decoder and the byte
 //! offsets that reveal lost events.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -7,7 +7,10 @@ use rustc_hash::FxHashMap;
 
 use zerotel_abi::{direction, role, DataMeta, Endpoint};
 
-use crate::protocols::http1::{Http1Connection, Segment, Side};
+use crate::protocols::{
+    http1::{Http1Connection, Segment, Side},
+    postgres::PgConnection,
+};
 
 /// Connections tracked at once; matches the kernel's CONNS bound.
 pub const MAX_CONNS: usize = zerotel_abi::limits::CONNS as usize;
@@ -22,6 +25,8 @@ pub struct Connection {
     pub local_ip: String,
     pub remote_ip: String,
     pub http: Http1Connection,
+    /// The PostgreSQL decoder, made on the connection's first PostgreSQL message.
+    pub postgres: Option<Box<PgConnection>>,
     /// The kernel's ids for the request whose first byte came at this time: a head read in
     /// several pieces completes (and is reported) on a later segment than the one carrying them.
     pub kernel_ids: Option<(u64, zerotel_abi::SpanIds)>,
@@ -40,6 +45,7 @@ impl Connection {
             local_ip: local.ip().to_canonical().to_string(),
             remote_ip: remote.ip().to_canonical().to_string(),
             http: Http1Connection::new(),
+            postgres: None,
             kernel_ids: None,
             next_seq: [None; 2],
         }

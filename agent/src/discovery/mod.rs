@@ -20,7 +20,7 @@ use procfs::{
     net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process},
 };
-use zerotel_abi::{buffer, conn_key, direction, limits, protocol, role, ConnState, InFlight};
+use zerotel_abi::{buffer, conn_key, direction, limits, protocol, role, ConnState, InFlight, SEEDED_CONN_ID_BIT};
 
 use crate::{
     kubernetes::{PodMeta, PodStore, PodUpdate},
@@ -80,8 +80,6 @@ enum Seed {
     Nothing,
 }
 
-/// Connection ids the agent makes have the top bit set, so they never collide with the kernel's.
-const SEEDED_ID_BIT: u64 = 1 << 63;
 /// Bound of the per-process caches (processes seen at once).
 const MAX_PROCESSES: usize = 16_384;
 /// Longest wait for a new pod's metadata before deciding without it.
@@ -410,7 +408,7 @@ impl Discovery {
             return None; // the kernel saw it open
         }
         self.next_seeded_id += 1;
-        let conn_id = SEEDED_ID_BIT | self.next_seeded_id;
+        let conn_id = SEEDED_CONN_ID_BIT | self.next_seeded_id;
         let state = ConnState { conn_id, role: conn_role, protocol: protocol::UNKNOWN, ..Default::default() };
         self.kernel.conns.insert(key, state, 0).ok()?;
         if conn_role == role::CLIENT {

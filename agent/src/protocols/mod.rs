@@ -1,3 +1,5 @@
 //! Protocol parsers: pure (bytes in, messages out), never panic, tests beside each.
 
 pub mod http1;
+pub mod postgres;
+pub mod sql;

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
-use zerotel_abi::{ConnCloseEvent, ConnOpenEvent, DataMeta, ProcessEvent, Sampler, SpanIds};
+use zerotel_abi::{direction, ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, Sampler, SpanIds};
 
 use crate::{
     capture::CapturedEvent,
@@ -15,8 +15,12 @@ use crate::{
     context::{self, RemoteParent},
     discovery::{Discovery, SeededConn},
     kubernetes::PodUpdate,
-    protocols::http1::{Output, Outcome, RequestHead, ResponseHead},
+    protocols::{
+        http1::{Output, Outcome, RequestHead, ResponseHead},
+        postgres::{PgConnection, PgMessage},
+    },
     spans::{
+        db::{self, DbSpan, QueryText, SummaryCache},
         http::{describe, Endpoint, Exchange},
         model::{Span, SpanId, SpanKind, TraceId},
     },
@@ -107,6 +111,9 @@ pub struct Assembler {
     discovery: Discovery,
     telemetry: Arc<Telemetry>,
     sampler: Sampler,
+    /// How much SQL text spans carry.
+    query_text: QueryText,
+    sql_summaries: SummaryCache,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall-clock times.
     mono_to_unix_ns: i128,
     outputs: Vec<Output>,
@@ -114,9 +121,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>, sampler: Sampler) -> Self {
+    pub fn new(discovery: Discovery, telemetry: Arc<Telemetry>, sampler: Sampler, query_text: QueryText) -> Self {
         Self {
             sampler,
+            query_text,
+            sql_summaries: SummaryCache::default(),
             conns: ConnTable::default(),
             exchanges: FxHashMap::default(),
             serving: FxHashMap::default(),
@@ -141,6 +150,7 @@ impl Assembler {
             CapturedEvent::ConnClose(e) => self.on_close(&e),
             CapturedEvent::ProcessExec(e) => self.on_exec(&e),
             CapturedEvent::ProcessExit(e) => self.on_exit(&e),
+            CapturedEvent::PgMessage { head, body } => self.on_pg_message(&head, &body),
         }
     }
 
@@ -201,6 +211,59 @@ impl Assembler {
             // WebSocket and other upgrades: nothing more to parse here.
             self.forget(meta.conn_id);
         }
+    }
+
+    /// A PostgreSQL message: statements it completes become CLIENT spans, children of the request
+    /// the calling thread is serving.
+    fn on_pg_message(&mut self, head: &PgMessageHead, body: &[u8]) {
+        let Some(conn) = self.conns.get_mut(head.conn_id) else { return };
+        let message = PgMessage {
+            frontend: (head.direction == direction::EGRESS) != conn.is_server,
+            kind: head.msg_type,
+            len: head.len,
+            body,
+            bulk_before: head.bulk_before,
+            start_ns: head.start_ns,
+            end_ns: head.header.ts_ns,
+        };
+        let mut statements = Vec::new();
+        conn.postgres.get_or_insert_with(Default::default).push(&message, &mut statements);
+        if conn.is_server || statements.is_empty() {
+            return; // a traced PostgreSQL server: its clients' spans are what users want
+        }
+        let server = Endpoint { addr: conn.remote, ip: &conn.remote_ip };
+        let database = conn.postgres.as_deref().and_then(PgConnection::database);
+        let described: Vec<(u64, u64, DbSpan)> = statements
+            .iter()
+            .map(|s| (s.start_ns, s.end_ns, db::describe_postgres(s, database, &server, self.query_text, &mut self.sql_summaries)))
+            .collect();
+        let pid = conn.pid;
+        for (start_ns, end_ns, span) in described {
+            self.push_client_span(pid, head.header.tid, start_ns, end_ns, span);
+        }
+    }
+
+    fn push_client_span(&mut self, pid: u32, tid: u32, start_ns: u64, end_ns: u64, span: DbSpan) {
+        let lineage = Lineage::from_serving(self.serving.get(&tid).copied(), &self.sampler);
+        if lineage.flags & context::SAMPLED == 0 {
+            self.telemetry.spans_unsampled.inc();
+            return;
+        }
+        self.telemetry.spans_client.inc();
+        self.spans.push(Span {
+            trace_id: lineage.trace_id,
+            span_id: context::new_span_id(),
+            parent_span_id: lineage.parent,
+            trace_flags: lineage.flags,
+            trace_state: lineage.trace_state,
+            kind: SpanKind::Client,
+            name: span.name,
+            start_unix_ns: self.to_unix(start_ns),
+            end_unix_ns: self.to_unix(end_ns.max(start_ns)),
+            attributes: span.attributes,
+            status: span.status,
+            resource: self.discovery.resource(pid),
+        });
     }
 
     fn on_close(&mut self, e: &ConnCloseEvent) {

@@ -1,5 +1,6 @@
 //! Span assembly: protocol messages in, spans with ids, parents and semantics out.
 
 pub mod assemble;
+pub mod db;
 pub mod http;
 pub mod model;

@@ -19,6 +19,10 @@ pub mod protocol {
     pub const OTHER: u8 = 255;
 }
 
+/// Ids of connections the agent found open at start-up have this bit set (the kernel's never
+/// do): their first bytes are mid-stream.
+pub const SEEDED_CONN_ID_BIT: u64 = 1 << 63;
+
 /// Byte direction, seen from the traced process.
 pub mod direction {
     /// Written by the process (write, send*, sendfile, splice out).

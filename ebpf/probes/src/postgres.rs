@@ -40,6 +40,15 @@ pub fn is_startup(prefix: &[u8; 8]) -> bool {
     }
 }
 
+/// Does a connection the agent found open when it started (its startup long gone) carry a
+/// PostgreSQL frontend message now? A type byte clients send first in an exchange (Query, Parse,
+/// Bind, Describe, Execute, Sync, Close, Flush) and a plausible length.
+#[inline(always)]
+pub fn is_frontend_message(prefix: &[u8; 8]) -> bool {
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    matches!(prefix[0], b'Q' | b'P' | b'B' | b'D' | b'E' | b'S' | b'C' | b'H') && (4..1 << 20).contains(&len)
+}
+
 /// What one walk of a syscall's bytes needs. It lives in a per-CPU map, not on the stack: the
 /// verifier tracks no exact values in map memory, so the loop body's states converge at once
 /// instead of being replayed per message.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use zerotel_abi::{
-    buffer, conn_key, counters, direction, kind, protocol, role, ConnState, DataEvent, DataMeta, InFlight, SpanIds,
+    buffer, conn_key, counters, direction, kind, protocol, role, ConnState, SEEDED_CONN_ID_BIT, DataEvent, DataMeta, InFlight, SpanIds,
     MAX_CAPTURE,
 };
 
@@ -136,7 +136,7 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let prefix = read_prefix(data, avail);
     // Classify once, from enough bytes: a shorter first read ("GE") is not yet evidence either way.
     if conn.protocol == protocol::UNKNOWN && (avail >= 8 || is_http_start(&prefix)) {
-        conn.protocol = classify(conn, &prefix);
+        conn.protocol = classify(conn, &prefix, call.direction);
     }
     let dir = (call.direction & 1) as usize;
     let seq = conn.seq[dir];
@@ -184,11 +184,13 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
 
 /// A connection's protocol, from its first bytes.
 #[inline(always)]
-fn classify(conn: &mut ConnState, prefix: &[u8; 8]) -> u8 {
+fn classify(conn: &mut ConnState, prefix: &[u8; 8], dir: u8) -> u8 {
     if is_http_start(prefix) {
         protocol::HTTP1
     } else if postgres::is_startup(prefix) {
         conn.pg_startup = postgres::STARTUP_UNTYPED;
+        protocol::POSTGRES
+    } else if conn.conn_id & SEEDED_CONN_ID_BIT != 0 && dir == direction::EGRESS && postgres::is_frontend_message(prefix) {
         protocol::POSTGRES
     } else {
         protocol::OTHER

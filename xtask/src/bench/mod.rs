@@ -6,6 +6,7 @@ mod bpf_stats;
 mod http;
 mod http1;
 mod nginx;
+mod postgres;
 mod proc;
 mod rate;
 mod sink;
@@ -24,7 +25,7 @@ use crate::{cargo_cmd, setup, signals, util};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none given). Available: http.
+    /// Scenarios to run (all when none given). Available: http, postgres.
     pub names: Vec<String>,
     /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
     /// fixed rate).
@@ -89,7 +90,7 @@ pub trait Scenario {
 }
 
 fn scenarios() -> Vec<Box<dyn Scenario>> {
-    vec![Box::new(http::Http)]
+    vec![Box::new(http::Http), Box::new(postgres::Postgres)]
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
