@@ -165,10 +165,11 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         return 1;
     }
     let body_len = (len - 4) as u64;
-    let bulk = msg_type == b'd' || (walk.record.backend != 0 && msg_type == b'D');
+    let backend = walk.record.backend != 0;
+    let bulk = msg_type == b'd' || (backend && msg_type == b'D');
     if bulk {
         walk.stream.bulk += 1;
-    } else {
+    } else if is_reported(msg_type, backend) {
         let in_buffer = walk.len - body_at;
         let captured = if body_len < in_buffer { body_len } else { in_buffer };
         emit(&walk.record, msg_type, len, walk.stream.bulk, walk.data + body_at, captured);
@@ -176,6 +177,18 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     }
     walk.offset = body_at + body_len;
     0
+}
+
+/// Messages spans are made of (statements, their outcomes, unit boundaries); the others
+/// (descriptions, acknowledgements of Bind/Close, parameter reports, notices, authentication)
+/// would only cost the agent decoding.
+#[inline(always)]
+fn is_reported(msg_type: u8, backend: bool) -> bool {
+    if backend {
+        !matches!(msg_type, b'2' | b'3' | b'T' | b'n' | b't' | b'S' | b'K' | b'N' | b'A' | b'R' | b'v')
+    } else {
+        !matches!(msg_type, b'H' | b'D' | b'p')
+    }
 }
 
 /// The header at `walk.offset` (its first `have` bytes came in the previous syscall): type,
