@@ -47,9 +47,14 @@ impl Launcher {
     }
 
     /// Run the command to its end: (exit success, stdout, stderr).
-    fn run_to_end(mut self) -> (bool, String, String) {
+    fn run_to_end(self) -> (bool, String, String) {
+        self.run_with_input("")
+    }
+
+    /// Run the command to its end with `input` on its stdin: (exit success, stdout, stderr).
+    fn run_with_input(mut self, input: &str) -> (bool, String, String) {
         let mut stdin = self.child.stdin.take().expect("piped stdin");
-        stdin.write_all(b"go\n").expect("release the launcher");
+        stdin.write_all(format!("go\n{input}").as_bytes()).expect("release the launcher");
         drop(stdin);
         let output = self.child.wait_with_output().expect("wait for the client");
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
@@ -264,5 +269,33 @@ with psycopg.connect(sys.argv[1]) as conn:
         assert_eq!(span.attr_str("db.query.text"), None, "never a wrong text");
         assert_eq!(span.attr_int("db.response.returned_rows"), Some(1));
     }
+    drop(agent);
+}
+
+#[test]
+fn copy_in_and_out_are_one_span_each() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    assert!(pg.psql("CREATE TABLE items (id int, name text)").0);
+    let rows: String = (1..=500).map(|i| format!("{i}\titem {i}\n")).collect();
+    let copy_in = Launcher::new(&pg.psql_command("COPY items FROM STDIN"));
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&pid_args(&[copy_in.pid()]), Some(&receiver));
+    let pid = copy_in.pid();
+    let (ok, _, errors) = copy_in.run_with_input(&rows);
+    assert!(ok, "{errors}");
+    let span = &client_spans(&receiver, pid, "COPY items", 1)[0];
+    assert_eq!(span.attr_int("db.response.returned_rows"), Some(500));
+    drop(agent);
+
+    let copy_out = Launcher::new(&pg.psql_command("COPY items TO STDOUT"));
+    let agent = Agent::start(&pid_args(&[copy_out.pid()]), Some(&receiver));
+    let pid = copy_out.pid();
+    let output = copy_out.run();
+    assert_eq!(output.lines().count(), 500);
+    let span = &client_spans(&receiver, pid, "COPY items", 1)[0];
+    assert_eq!(span.attr_int("db.response.returned_rows"), Some(500));
     drop(agent);
 }

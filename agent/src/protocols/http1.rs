@@ -1064,6 +1064,7 @@ fn len_u64_of(len: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::test_rng::XorShift;
     use std::collections::HashSet;
 
     const GET_A: &[u8] = b"GET /a?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n";
@@ -1614,25 +1615,6 @@ mod tests {
         assert_eq!(TransferEncoding::from_value(b"chunked,"), TransferEncoding::Chunked);
     }
 
-    /// Small deterministic generator so the fuzz loops are reproducible.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound.max(1) as u64) as usize
-        }
-
-        fn chance(&mut self, percent: u64) -> bool {
-            self.next() % 100 < percent
-        }
-    }
 
     /// Valid exchanges: request bytes, response bytes, final status.
     const TRAFFIC: [(&[u8], &[u8], u16); 7] = [

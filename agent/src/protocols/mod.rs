@@ -3,3 +3,5 @@
 pub mod http1;
 pub mod postgres;
 pub mod sql;
+#[cfg(test)]
+pub mod test_rng;

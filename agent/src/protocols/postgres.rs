@@ -571,6 +571,7 @@ fn rows_in_tag(tag: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::test_rng::XorShift;
     use std::collections::HashSet;
 
     /// An owned message for tests; `feed` stamps its times from its position.
@@ -1211,25 +1212,6 @@ mod tests {
         assert!(out.is_empty());
     }
 
-    /// Small deterministic generator so the fuzz loops are reproducible.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound.max(1) as u64) as usize
-        }
-
-        fn chance(&mut self, percent: u64) -> bool {
-            self.next() % 100 < percent
-        }
-    }
 
     /// One statement of a simulated conversation and how the server treats it.
     struct Planned {

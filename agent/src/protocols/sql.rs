@@ -538,6 +538,7 @@ fn number_len(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::test_rng::XorShift;
 
     fn summary(operation: Option<&str>, collection: Option<&str>, sanitized: &str) -> SqlSummary {
         SqlSummary {
@@ -843,26 +844,6 @@ mod tests {
                 QuotedName, Symbol, Literal, Symbol, Literal, Symbol
             ]
         );
-    }
-
-    /// Small deterministic generator so the fuzz loops are reproducible.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound.max(1) as u64) as usize
-        }
-
-        fn pick<'t>(&mut self, items: &[&'t str]) -> &'t str {
-            items[self.below(items.len())]
-        }
     }
 
     /// Statement pieces; `{}` marks where a secret literal goes. No piece contains "zq" or "4242".

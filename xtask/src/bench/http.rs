@@ -28,6 +28,7 @@ use super::{
     proc::TempDir,
     rate::{self, RateLoad, RateResult},
     sink::Sink,
+    targets::{num, targets_markdown, Cmp, Target},
     wrk::{self, Load, WrkResult},
     BenchArgs, Ctx, Report, Scenario,
 };
@@ -674,59 +675,6 @@ fn summary<L: LoadStats>(rounds: &[Round<L>]) -> String {
 
 // ---- targets ----
 
-#[derive(Serialize, Clone, Copy)]
-enum Cmp {
-    #[serde(rename = ">=")]
-    AtLeast,
-    #[serde(rename = "<=")]
-    AtMost,
-    #[serde(rename = "==")]
-    Equals,
-}
-
-impl Cmp {
-    fn holds(self, value: f64, limit: f64) -> bool {
-        match self {
-            Cmp::AtLeast => value >= limit,
-            Cmp::AtMost => value <= limit,
-            Cmp::Equals => value == limit,
-        }
-    }
-
-    fn symbol(self) -> &'static str {
-        match self {
-            Cmp::AtLeast => ">=",
-            Cmp::AtMost => "<=",
-            Cmp::Equals => "==",
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Target {
-    what: &'static str,
-    value: Option<f64>,
-    cmp: Cmp,
-    limit: f64,
-    /// None when the value is unknown (no traced rounds, metric not exported).
-    met: Option<bool>,
-    #[serde(skip)]
-    decimals: usize,
-}
-
-impl Target {
-    fn new(what: &'static str, value: Option<f64>, cmp: Cmp, limit: f64, decimals: usize) -> Self {
-        Self {
-            what,
-            value,
-            cmp,
-            limit,
-            met: value.map(|v| cmp.holds(v, limit)),
-            decimals,
-        }
-    }
-}
-
 fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Vec<Target> {
     vec![
         Target::new(
@@ -758,31 +706,6 @@ fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Vec<
             0,
         ),
     ]
-}
-
-fn targets_markdown(targets: &[Target]) -> String {
-    let items: Vec<String> = targets
-        .iter()
-        .map(|t| {
-            let verdict = match t.met {
-                Some(true) => "met",
-                Some(false) => "NOT met",
-                None => "n/a",
-            };
-            format!(
-                "{} {} {} {}: {verdict}",
-                t.what,
-                num(t.value, t.decimals),
-                t.cmp.symbol(),
-                t.limit
-            )
-        })
-        .collect();
-    format!("\ntargets: {}\n", items.join("; "))
-}
-
-fn num(v: Option<f64>, decimals: usize) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
 }
 
 fn fmt_us(us: f64) -> String {

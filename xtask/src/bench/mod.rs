@@ -10,6 +10,7 @@ mod postgres;
 mod proc;
 mod rate;
 mod sink;
+mod targets;
 mod wrk;
 
 use std::{

@@ -27,6 +27,7 @@ use super::{
     median,
     proc::{self, free_port, Guard, TempDir},
     sink::Sink,
+    targets::{num, targets_markdown, Cmp, Target},
     BenchArgs, Ctx, Report, Scenario,
 };
 use crate::{
@@ -733,65 +734,13 @@ fn summary(rounds: &[Round]) -> String {
 
 // ---- targets ----
 
-#[derive(Serialize)]
-struct Target {
-    what: &'static str,
-    value: Option<f64>,
-    cmp: &'static str,
-    limit: f64,
-    /// None when the value is unknown (no traced rounds, metric not exported).
-    met: Option<bool>,
-    #[serde(skip)]
-    decimals: usize,
-}
-
 fn targets(rounds: &[Round]) -> Vec<Target> {
-    let tps_ratio = ratio(rounds, tps);
-    let lost = max_agent(rounds, |g| g.events_lost);
     vec![
-        Target {
-            what: "TPS traced/untraced (median)",
-            value: tps_ratio,
-            cmp: ">=",
-            limit: TARGET_TPS_RATIO,
-            met: tps_ratio.map(|v| v >= TARGET_TPS_RATIO),
-            decimals: 3,
-        },
-        Target {
-            what: "lost events (worst round)",
-            value: lost,
-            cmp: "==",
-            limit: 0.0,
-            met: lost.map(|v| v == 0.0),
-            decimals: 0,
-        },
+        Target::new("TPS traced/untraced (median)", ratio(rounds, tps), Cmp::AtLeast, TARGET_TPS_RATIO, 3),
+        Target::new("lost events (worst round)", max_agent(rounds, |g| g.events_lost), Cmp::Equals, 0.0, 0),
     ]
 }
 
-fn targets_markdown(targets: &[Target]) -> String {
-    let items: Vec<String> = targets
-        .iter()
-        .map(|t| {
-            let verdict = match t.met {
-                Some(true) => "met",
-                Some(false) => "NOT met",
-                None => "n/a",
-            };
-            format!(
-                "{} {} {} {}: {verdict}",
-                t.what,
-                num(t.value, t.decimals),
-                t.cmp,
-                t.limit
-            )
-        })
-        .collect();
-    format!("\ntargets: {}\n", items.join("; "))
-}
-
-fn num(v: Option<f64>, decimals: usize) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
-}
 
 #[cfg(test)]
 mod tests {
