@@ -216,9 +216,9 @@ impl Assembler {
     /// A PostgreSQL message: statements it completes become CLIENT spans, children of the request
     /// the calling thread is serving.
     fn on_pg_message(&mut self, head: &PgMessageHead, body: &[u8]) {
-        let Some(conn) = self.conns.get_mut(head.conn_id) else { return };
+        let Some(conn) = self.conns.get_mut(head.conn_id).filter(|c| !c.is_server) else { return };
         let message = PgMessage {
-            frontend: (head.direction == direction::EGRESS) != conn.is_server,
+            frontend: head.direction == direction::EGRESS,
             kind: head.msg_type,
             len: head.len,
             body,
@@ -228,8 +228,8 @@ impl Assembler {
         };
         let mut statements = Vec::new();
         conn.postgres.get_or_insert_with(Default::default).push(&message, &mut statements);
-        if conn.is_server || statements.is_empty() {
-            return; // a traced PostgreSQL server: its clients' spans are what users want
+        if statements.is_empty() {
+            return;
         }
         let server = Endpoint { addr: conn.remote, ip: &conn.remote_ip };
         let database = conn.postgres.as_deref().and_then(PgConnection::database);

@@ -187,6 +187,9 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
 fn classify(conn: &mut ConnState, prefix: &[u8; 8], dir: u8) -> u8 {
     if is_http_start(prefix) {
         protocol::HTTP1
+    } else if conn.role != role::CLIENT {
+        // A traced PostgreSQL server: its clients' spans are what users want; nothing to report.
+        protocol::OTHER
     } else if postgres::is_startup(prefix) {
         conn.pg_startup = postgres::STARTUP_UNTYPED;
         protocol::POSTGRES
