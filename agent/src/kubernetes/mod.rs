@@ -191,9 +191,7 @@ impl Owners {
             Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(object))) => object,
         };
-        let owners = object.meta().owner_references.iter().flatten();
-        let controller = owners.clone().find(|o| o.controller == Some(true)).or_else(|| owners.clone().next());
-        Ok(controller.map(|o| (o.kind.clone(), o.name.clone())))
+        Ok(pod::controller(object.meta()))
     }
 }
 

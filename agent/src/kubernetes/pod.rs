@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 /// Labels naming a workload's service, in order of preference (OpenTelemetry k8s conventions).
 const SERVICE_NAME_LABEL: &str = "app.kubernetes.io/name";
@@ -65,14 +65,7 @@ impl PodMeta {
                     .filter(|v| !v.is_empty()),
             })
             .collect();
-        let owners = meta
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .or_else(|| meta.owner_references.as_ref()?.first())
-            .map(|o| vec![(o.kind.clone(), o.name.clone())])
-            .unwrap_or_default();
+        let owners = controller(meta).into_iter().collect();
         Some(Self {
             uid,
             name: meta.name.clone().unwrap_or_default(),
@@ -108,6 +101,13 @@ impl PodMeta {
             .or_else(|| self.workload().map(|(_, name)| name))
             .unwrap_or(&self.name)
     }
+}
+
+/// An object's controlling owner (kind, name): the reference marked `controller`, else the first.
+pub fn controller(meta: &ObjectMeta) -> Option<(String, String)> {
+    let owners = meta.owner_references.as_deref().unwrap_or_default();
+    let owner = owners.iter().find(|o| o.controller == Some(true)).or_else(|| owners.first())?;
+    Some((owner.kind.clone(), owner.name.clone()))
 }
 
 /// `containerd://<id>` -> `<id>` (also `cri-o://`, `docker://`).

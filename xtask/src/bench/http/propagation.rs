@@ -452,17 +452,16 @@ fn summary<L: LoadStats>(rounds: &[Round<L>]) -> String {
 
 /// (JSON value, markdown line) of whether the propagated rounds' requests reached B with a
 /// traceparent, and the other rounds' without.
+/// The lowest injected fraction of any round of either load.
+fn worst_injected_overall(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Option<f64> {
+    [worst_injected_fraction(saturation), worst_injected_fraction(rated)].into_iter().flatten().reduce(f64::min)
+}
+
 fn injected_verdict(
     saturation: &[Round<WrkResult>],
     rated: &[Round<RateResult>],
 ) -> (Value, String) {
-    let worst = [
-        worst_injected_fraction(saturation),
-        worst_injected_fraction(rated),
-    ]
-    .into_iter()
-    .flatten()
-    .reduce(f64::min);
+    let worst = worst_injected_overall(saturation, rated);
     let leaks = control_leaks(saturation) + control_leaks(rated);
     let verdict = match worst {
         None => "n/a",
@@ -529,13 +528,7 @@ fn injection_rows<L: LoadStats>(kind: &str, rounds: &[Round<L>]) -> String {
 }
 
 fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Vec<Target> {
-    let worst = [
-        worst_injected_fraction(saturation),
-        worst_injected_fraction(rated),
-    ]
-    .into_iter()
-    .flatten()
-    .reduce(f64::min);
+    let worst = worst_injected_overall(saturation, rated);
     vec![
         Target::new(
             "saturation req/s propagated/traced (median)",
