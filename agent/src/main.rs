@@ -40,6 +40,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Batches queued between stages.
 const QUEUE_BATCHES: usize = 256;
+/// Event batches queued for assembly: each holds up to 256 KiB of payload, so this bounds that
+/// queue to 16 MiB (the ring buffer takes the excess, and counts what it cannot hold).
+const EVENT_QUEUE_BATCHES: usize = 64;
 /// Pod updates queued from the Kubernetes watch to discovery.
 const POD_UPDATES: usize = 1024;
 
@@ -116,7 +119,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler, config.query_text);
     assembler.initial_scan();
 
-    let (events_tx, events_rx) = mpsc::channel(QUEUE_BATCHES);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
     let (spans_tx, spans_rx) = mpsc::channel(QUEUE_BATCHES);
     let (stop_tx, stop_rx) = watch::channel(false);
     let capture = tokio::spawn(capture::run(maps.events, events_tx, telemetry.clone(), stop_rx));

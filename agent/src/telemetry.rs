@@ -45,6 +45,12 @@ pub struct Telemetry {
     /// Assemble: spans made, by kind.
     pub spans_server: Counter,
     pub spans_client: Counter,
+    pub spans_producer: Counter,
+    pub spans_consumer: Counter,
+    /// Assemble: Kafka frames skipped because the kernel did not capture all their bytes.
+    pub kafka_truncated_frames: Counter,
+    /// Assemble: times a Kafka connection lost its framing (lost events).
+    pub kafka_desyncs: Counter,
     /// Assemble: spans not exported because their trace is not sampled.
     pub spans_unsampled: Counter,
     /// Assemble: exchanges whose bytes were lost or could not be framed (no span made).
@@ -105,7 +111,12 @@ impl Telemetry {
         counter(
             "zerotel_spans_total",
             "Spans assembled, by kind.",
-            &[("{kind=\"server\"}", self.spans_server.get()), ("{kind=\"client\"}", self.spans_client.get())],
+            &[
+                ("{kind=\"server\"}", self.spans_server.get()),
+                ("{kind=\"client\"}", self.spans_client.get()),
+                ("{kind=\"producer\"}", self.spans_producer.get()),
+                ("{kind=\"consumer\"}", self.spans_consumer.get()),
+            ],
         );
         counter("zerotel_spans_unsampled_total", "Spans of unsampled traces (not exported).", &[("", self.spans_unsampled.get())]);
         counter(
@@ -119,6 +130,12 @@ impl Telemetry {
             &[("", self.connections_untracked.get())],
         );
         counter("zerotel_http_desyncs_total", "Times an HTTP/1 connection lost sync.", &[("", self.http_desyncs.get())]);
+        counter("zerotel_kafka_desyncs_total", "Times a Kafka connection lost its framing.", &[("", self.kafka_desyncs.get())]);
+        counter(
+            "zerotel_kafka_truncated_frames_total",
+            "Kafka frames skipped: larger than the kernel captures per syscall.",
+            &[("", self.kafka_truncated_frames.get())],
+        );
         counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", self.export.exported.load(Ordering::Relaxed))]);
         let dropped = self.export.dropped.load(Ordering::Relaxed) + self.spans_queue_full.get();
         counter("zerotel_spans_dropped_total", "Spans dropped: export queue full or export failed.", &[("", dropped)]);
@@ -190,6 +207,8 @@ mod tests {
             "zerotel_events_lost_total 0",
             "zerotel_spans_total{kind=\"server\"} 3",
             "zerotel_spans_total{kind=\"client\"} 0",
+            "zerotel_spans_total{kind=\"producer\"} 0",
+            "zerotel_spans_total{kind=\"consumer\"} 0",
             "zerotel_spans_exported_total 0",
             "zerotel_spans_dropped_total 0",
             "zerotel_export_errors_total 0",

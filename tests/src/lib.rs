@@ -1,6 +1,6 @@
 //! Fixtures for zerotel's end-to-end tests: an in-process OTLP receiver, a
-//! wrapper around the agent binary, real servers (Python, nginx, node) and
-//! clients (curl, Python) to trace.
+//! wrapper around the agent binary, real servers (Python, nginx, node, PostgreSQL, a
+//! Kafka mock cluster) and clients (curl, Python, kcat) to trace.
 //!
 //! The tests need root, BTF (/sys/kernel/btf/vmlinux) and the agent binary
 //! (`$ZEROTEL_BIN`, else `<workspace>/target/debug/zerotel`). Run them with
@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod kafka;
 pub mod kube_api;
 pub mod otlp;
 pub mod postgres;
@@ -21,8 +22,9 @@ use std::time::Duration;
 
 pub use agent::{pid_args, propagating_pid_args, Agent};
 pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
+pub use kafka::{Consume, KafkaHttpService, Library, MockKafka, Produce};
 pub use kube_api::FakeKubeApi;
-pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedSpan, SpanKind, Value};
+pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedLink, ReceivedSpan, SpanKind, Value};
 pub use postgres::Postgres;
 pub use servers::{Nginx, NodeServer, PyServer};
 

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::trace::v1::{status::StatusCode as ProtoStatusCode, Span};
+use opentelemetry_proto::tonic::trace::v1::{span::Link, status::StatusCode as ProtoStatusCode, Span};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -98,6 +98,14 @@ pub struct ReceivedSpan {
     pub status_error: bool,
     pub attributes: BTreeMap<String, Value>,
     pub resource: BTreeMap<String, Value>,
+    pub links: Vec<ReceivedLink>,
+}
+
+/// A span link: the span context another span points at (for a batch consumer, each producer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedLink {
+    pub trace_id: String,
+    pub span_id: String,
 }
 
 impl ReceivedSpan {
@@ -135,6 +143,11 @@ impl ReceivedSpan {
         self.parent_span_id.is_empty()
     }
 
+    /// Whether one of the links points at span `span_id` of trace `trace_id`.
+    pub fn links_to(&self, trace_id: &str, span_id: &str) -> bool {
+        self.links.iter().any(|link| link.trace_id == trace_id && link.span_id == span_id)
+    }
+
     /// Whether this is a span of `kind` emitted by process `pid` for `url.path` == `path`.
     pub fn is(&self, kind: SpanKind, pid: u32, path: &str) -> bool {
         self.kind == kind && self.pid() == Some(pid) && self.attr_str("url.path") == Some(path)
@@ -156,6 +169,10 @@ impl fmt::Display for ReceivedSpan {
             self.status_error
         )?;
         write!(f, "\n    attributes: {}", format_map(&self.attributes))?;
+        if !self.links.is_empty() {
+            let links: Vec<String> = self.links.iter().map(|l| format!("{}/{}", l.trace_id, l.span_id)).collect();
+            write!(f, "\n    links:      {}", links.join(", "))?;
+        }
         write!(f, "\n    resource:   {}", format_map(&self.resource))
     }
 }
@@ -246,7 +263,12 @@ fn received(span: Span, resource: &BTreeMap<String, Value>) -> ReceivedSpan {
         status_error,
         attributes: attributes(span.attributes),
         resource: resource.clone(),
+        links: span.links.iter().map(received_link).collect(),
     }
+}
+
+fn received_link(link: &Link) -> ReceivedLink {
+    ReceivedLink { trace_id: hex(&link.trace_id), span_id: hex(&link.span_id) }
 }
 
 fn attributes(pairs: Vec<KeyValue>) -> BTreeMap<String, Value> {

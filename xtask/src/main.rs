@@ -51,7 +51,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Traced-vs-untraced benchmarks (root): `cargo xtask bench [http] [--rounds N] ...`.
+    /// Traced-vs-untraced benchmarks (root): `cargo xtask bench [NAME...] [--rounds N] ...`.
     Bench(bench::BenchArgs),
 }
 

@@ -20,7 +20,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
 /// Commands the integration tests and benches drive, and the Debian packages providing them.
-const PEER_CMDS: &[&str] = &["nginx", "wrk", "curl", "h2load", "hyperfine", "go", "pg_ctlcluster"];
+const PEER_CMDS: &[&str] = &[
+    "nginx",
+    "wrk",
+    "curl",
+    "h2load",
+    "hyperfine",
+    "go",
+    "pg_ctlcluster",
+    "kcat",
+];
 const PEER_PKGS: &[&str] = &[
     "nginx",
     "wrk",
@@ -32,6 +41,8 @@ const PEER_PKGS: &[&str] = &[
     "golang-go",
     // A real PostgreSQL server: wire traffic must pass propagation untouched.
     "postgresql",
+    // A Kafka client on the system librdkafka, older than confluent-kafka's (other API versions).
+    "kcat",
 ];
 /// Preinstalled on the platform; we only check them.
 const PREINSTALLED: &[(&str, &str)] = &[
@@ -300,8 +311,14 @@ fn ensure_peers() -> Result<()> {
 const PIP_PEERS: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate==1.37.0")];
 /// Python modules installed from PyPI, checked by `python3` finding them: psycopg 3 is the Python
 /// PostgreSQL client of the tests (plain, not `[binary]`: it loads the system libpq5 that comes
-/// with postgresql).
-const PIP_MODULES: &[(&str, &str)] = &[("psycopg", "psycopg==3.3.9")];
+/// with postgresql). There is no Kafka broker package: confluent-kafka's bundled librdkafka holds
+/// a mock cluster, a real Kafka-protocol broker, and is also a client; kafka-python is the pure
+/// Python client, in 2.x (3.x cannot talk to the mock broker).
+const PIP_MODULES: &[(&str, &str)] = &[
+    ("psycopg", "psycopg==3.3.9"),
+    ("confluent_kafka", "confluent-kafka==2.16.1"),
+    ("kafka", "kafka-python==2.3.3"),
+];
 
 fn ensure_pip_peers() -> Result<()> {
     for (cmd, requirement) in PIP_PEERS {

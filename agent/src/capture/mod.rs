@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use zerotel_abi::{
     user::{decode, Event},
-    ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, SpanIds,
+    ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, SpanIds, StreamChunkHead,
 };
 
 use crate::telemetry::Telemetry;
@@ -16,6 +16,9 @@ use crate::telemetry::Telemetry;
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Events handed on at once.
 const BATCH: usize = 256;
+/// Payload bytes handed on at once: with the queue's bound, what caps the memory events take
+/// between capture and assembly (Kafka chunks are up to 16 KiB each).
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// A decoded event that owns its payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub enum CapturedEvent {
     ProcessExit(ProcessEvent),
     /// A PostgreSQL message and the first bytes of its body.
     PgMessage { head: PgMessageHead, body: Vec<u8> },
+    /// A piece of a stream-captured (Kafka) connection's bytes.
+    StreamChunk { head: StreamChunkHead, data: Vec<u8> },
 }
 
 impl From<Event<'_>> for CapturedEvent {
@@ -39,6 +44,7 @@ impl From<Event<'_>> for CapturedEvent {
             Event::ProcessExec(e) => Self::ProcessExec(e),
             Event::ProcessExit(e) => Self::ProcessExit(e),
             Event::PgMessage(head, body) => Self::PgMessage { head, body: body.to_vec() },
+            Event::StreamChunk(head, data) => Self::StreamChunk { head, data: data.to_vec() },
         }
     }
 }
@@ -71,11 +77,10 @@ pub async fn run(
 
 async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<CapturedEvent>>, telemetry: &Telemetry) {
     loop {
-        let batch = read_batch(ring, telemetry);
+        let (batch, full) = read_batch(ring, telemetry);
         if batch.is_empty() {
             return;
         }
-        let full = batch.len() == BATCH;
         // Waiting here (rather than dropping) pushes back into the ring buffer, where the kernel
         // counts what it cannot queue.
         if tx.send(batch).await.is_err() || !full {
@@ -84,10 +89,13 @@ async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<CapturedEvent>
     }
 }
 
-fn read_batch(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) -> Vec<CapturedEvent> {
+/// Up to a batch of events, and whether a bound (not an empty ring) ended it.
+fn read_batch(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) -> (Vec<CapturedEvent>, bool) {
     let mut batch = Vec::with_capacity(BATCH);
-    while batch.len() < BATCH {
+    let mut bytes = 0;
+    while batch.len() < BATCH && bytes < BATCH_BYTES {
         let Some(record) = ring.next() else { break };
+        bytes += record.len();
         match decode(&record) {
             Ok(event) => batch.push(event.into()),
             Err(e) => {
@@ -97,5 +105,6 @@ fn read_batch(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) -> Vec<Capture
         }
     }
     telemetry.events_read.add(batch.len() as u64);
-    batch
+    let full = batch.len() == BATCH || bytes >= BATCH_BYTES;
+    (batch, full)
 }

@@ -9,6 +9,7 @@ use zerotel_abi::{direction, role, DataMeta, Endpoint};
 
 use crate::protocols::{
     http1::{Http1Connection, Segment, Side},
+    kafka::KafkaConnection,
     postgres::PgConnection,
 };
 
@@ -27,6 +28,8 @@ pub struct Connection {
     pub http: Http1Connection,
     /// The PostgreSQL decoder, made on the connection's first PostgreSQL message.
     pub postgres: Option<Box<PgConnection>>,
+    /// The Kafka decoder, made on the connection's first captured Kafka bytes.
+    pub kafka: Option<Box<KafkaConnection>>,
     /// The kernel's ids for the request whose first byte came at this time: a head read in
     /// several pieces completes (and is reported) on a later segment than the one carrying them.
     pub kernel_ids: Option<(u64, zerotel_abi::SpanIds)>,
@@ -46,6 +49,7 @@ impl Connection {
             remote_ip: remote.ip().to_canonical().to_string(),
             http: Http1Connection::new(),
             postgres: None,
+            kafka: None,
             kernel_ids: None,
             next_seq: [None; 2],
         }

@@ -98,6 +98,7 @@ mod tests {
             end_unix_ns: 3_500_999,
             attributes: Vec::new(),
             status: SpanStatus::Error,
+            links: Vec::new(),
             resource: Arc::new(Resource {
                 attributes: vec![("service.name".into(), "checkout api".into())],
             }),

@@ -15,7 +15,7 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
-use crate::spans::model::{AttrValue, Attributes, Resource, Span, SpanKind, SpanStatus};
+use crate::spans::model::{AttrValue, Attributes, Resource, Span, SpanKind, SpanLink, SpanStatus};
 
 /// The scope every exported span carries.
 pub(super) fn scope() -> InstrumentationScope {
@@ -46,13 +46,32 @@ pub(super) fn span_data(span: Span, scope: &InstrumentationScope) -> SpanData {
         attributes: key_values(span.attributes),
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
+        links: links(&span.links),
         status: match span.status {
             SpanStatus::Unset => otel::Status::Unset,
             SpanStatus::Error => otel::Status::error(""),
         },
         instrumentation_scope: scope.clone(),
     }
+}
+
+fn links(links: &[SpanLink]) -> SpanLinks {
+    let links = links
+        .iter()
+        .map(|l| {
+            let context = SpanContext::new(
+                otel::TraceId::from_bytes(l.trace_id),
+                otel::SpanId::from_bytes(l.span_id),
+                TraceFlags::new(l.trace_flags),
+                true,
+                TraceState::default(),
+            );
+            otel::Link::with_context(context)
+        })
+        .collect();
+    let mut span_links = SpanLinks::default();
+    span_links.links = links;
+    span_links
 }
 
 /// Server/consumer spans continue a context received from another process; client/producer
@@ -133,6 +152,7 @@ mod tests {
                 ("network.peer.cached".into(), true.into()),
             ],
             status: SpanStatus::Error,
+            links: vec![SpanLink { trace_id: [0x44; 16], span_id: [0x55; 8], trace_flags: 1 }],
             resource: Arc::new(Resource {
                 attributes: vec![("service.name".into(), "svc".into())],
             }),
@@ -155,6 +175,9 @@ mod tests {
         assert_eq!(d.span_context.trace_state().header(), "vendor=abc,other=1");
         assert_eq!(d.parent_span_id, otel::SpanId::from_bytes([0x33; 8]));
         assert!(d.parent_span_is_remote);
+        let link = &d.links.links[0].span_context;
+        assert_eq!((link.trace_id(), link.span_id()), (otel::TraceId::from_bytes([0x44; 16]), otel::SpanId::from_bytes([0x55; 8])));
+        assert!(link.is_sampled() && link.is_remote());
         assert_eq!(d.span_kind, otel::SpanKind::Server);
         assert_eq!(d.name, "GET /users/{id}");
         let ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos();

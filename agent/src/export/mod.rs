@@ -106,6 +106,7 @@ mod tests {
             end_unix_ns: 5_000,
             attributes: Vec::new(),
             status: SpanStatus::Unset,
+            links: Vec::new(),
             resource: Arc::new(Resource {
                 attributes: Vec::new(),
             }),

@@ -532,6 +532,7 @@ mod tests {
             end_unix_ns: 1_700_000_000_001_000_000,
             attributes: vec![("http.response.status_code".into(), AttrValue::Int(200))],
             status: SpanStatus::Unset,
+            links: Vec::new(),
             resource: Arc::clone(resource),
         }
     }

@@ -3,4 +3,5 @@
 pub mod assemble;
 pub mod db;
 pub mod http;
+pub mod messaging;
 pub mod model;

@@ -8,7 +8,6 @@ pub type TraceId = [u8; 16];
 pub type SpanId = [u8; 8];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(dead_code, reason = "messaging spans come with the Kafka parser; export already maps them")]
 pub enum SpanKind {
     Server,
     Client,
@@ -71,6 +70,16 @@ impl Resource {
     }
 }
 
+/// Another span this one is causally related to without being its child (a consumed message's
+/// producer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanLink {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// W3C trace flags of the linked context.
+    pub trace_flags: u8,
+}
+
 #[derive(Debug, Clone)]
 pub struct Span {
     pub trace_id: TraceId,
@@ -88,6 +97,7 @@ pub struct Span {
     pub end_unix_ns: u64,
     pub attributes: Attributes,
     pub status: SpanStatus,
+    pub links: Vec<SpanLink>,
     /// Shared by every span of the same process.
     pub resource: Arc<Resource>,
 }

@@ -15,6 +15,8 @@ pub mod protocol {
     pub const HTTP1: u8 = 1;
     /// PostgreSQL frontend/backend protocol 3.
     pub const POSTGRES: u8 = 2;
+    /// Kafka, client side: its whole byte stream (up to a cap per syscall) goes to the agent.
+    pub const KAFKA: u8 = 3;
     /// Something zerotel does not parse: its bytes stay in the kernel.
     pub const OTHER: u8 = 255;
 }

@@ -15,6 +15,55 @@ pub mod kind {
     pub const PROCESS_EXIT: u32 = 6;
     /// One PostgreSQL message of a traced connection: [`super::PgMessageEvent`].
     pub const PG_MESSAGE: u32 = 7;
+    /// A piece of a connection's byte stream, for protocols the agent frames itself (Kafka):
+    /// [`super::StreamChunk`].
+    pub const STREAM_CHUNK: u32 = 8;
+}
+
+/// Bytes one [`StreamChunk`] carries at most (a power of two: the verifier bounds reads with it).
+pub const STREAM_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Bytes of one syscall that reach the agent at most, in chunks; the rest is only counted (the
+/// agent skips a frame it did not get whole). 1 MiB holds the largest batch a default-configured
+/// producer sends (librdkafka `batch.size`, the broker's `message.max.bytes`: both ~1 MB) and a
+/// partition's worth of a Fetch (`max.partition.fetch.bytes`).
+pub const STREAM_SYSCALL_CAP: u64 = 1 << 20;
+
+/// A piece of one syscall's bytes on a stream-captured connection. Pieces of a syscall come in
+/// order and name the stream offset where the syscall ends, so the agent tells bytes that were
+/// moved but not captured from events that were lost. Sent with only `head.captured` bytes of
+/// `data`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamChunk {
+    pub head: StreamChunkHead,
+    pub data: [u8; STREAM_CHUNK_BYTES],
+}
+
+/// Everything of a [`StreamChunk`] but its data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamChunkHead {
+    /// `ts_ns`: when the syscall returned.
+    pub header: EventHeader,
+    pub conn_id: u64,
+    /// When the syscall started.
+    pub start_ns: u64,
+    /// Stream offset (bytes moved in this direction before) of `data[0]`.
+    pub offset: u64,
+    /// Stream offset just past the syscall's last byte.
+    pub syscall_end: u64,
+    /// [`crate::direction`].
+    pub direction: u8,
+    pub _pad: u8,
+    /// Bytes of `data` that follow.
+    pub captured: u16,
+    pub _pad2: u32,
+}
+
+impl StreamChunk {
+    /// Bytes of the record before `data`.
+    pub const HEAD_SIZE: usize = core::mem::size_of::<StreamChunkHead>();
 }
 
 /// Body bytes a PostgreSQL message record carries at most (a power of two: the verifier bounds

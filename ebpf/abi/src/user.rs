@@ -2,7 +2,7 @@
 
 use crate::{
     ConnCloseEvent, ConnOpenEvent, ConnState, DataEvent, DataMeta, EventHeader, KernelOffsets,
-    PgMessageHead, ProcessEvent, SpanIds, kind, PG_BODY,
+    PgMessageHead, ProcessEvent, SpanIds, StreamChunkHead, kind, PG_BODY, STREAM_CHUNK_BYTES,
 };
 
 // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with explicit padding.
@@ -23,6 +23,8 @@ pub enum Event<'a> {
     ProcessExit(ProcessEvent),
     /// A PostgreSQL message and the first bytes of its body.
     PgMessage(PgMessageHead, &'a [u8]),
+    /// A piece of a stream-captured connection's bytes.
+    StreamChunk(StreamChunkHead, &'a [u8]),
 }
 
 /// Why a record could not be decoded.
@@ -63,6 +65,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::DATA_META => read(bytes, header.kind).map(|m| Event::Data(m, None, &[])),
         kind::DATA => decode_data(bytes),
         kind::PG_MESSAGE => decode_pg(bytes),
+        kind::STREAM_CHUNK => decode_chunk(bytes),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -87,6 +90,16 @@ fn decode_pg(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         .get(start..start + captured)
         .ok_or(DecodeError::Truncated { kind: kind::PG_MESSAGE, len: bytes.len() })?;
     Ok(Event::PgMessage(head, body))
+}
+
+fn decode_chunk(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let head: StreamChunkHead = read(bytes, kind::STREAM_CHUNK)?;
+    let start = core::mem::size_of::<StreamChunkHead>();
+    let captured = (head.captured as usize).min(STREAM_CHUNK_BYTES);
+    let data = bytes
+        .get(start..start + captured)
+        .ok_or(DecodeError::Truncated { kind: kind::STREAM_CHUNK, len: bytes.len() })?;
+    Ok(Event::StreamChunk(head, data))
 }
 
 impl ProcessEvent {
@@ -135,6 +148,22 @@ mod tests {
         ev.meta.captured = u16::MAX;
         let Ok(Event::Data(_, ids, payload)) = decode(as_bytes(&ev)) else { panic!("decode failed") };
         assert_eq!((payload.len(), ids), (2, None));
+    }
+
+    #[test]
+    fn decodes_stream_chunks_within_their_record() {
+        let mut record = std::vec::Vec::from(as_bytes(&StreamChunkHead {
+            header: EventHeader { kind: kind::STREAM_CHUNK, ..Default::default() },
+            offset: 10,
+            syscall_end: 20,
+            captured: 3,
+            ..Default::default()
+        }));
+        record.extend_from_slice(b"abc");
+        let Ok(Event::StreamChunk(head, data)) = decode(&record) else { panic!("decode failed") };
+        assert_eq!((head.offset, head.syscall_end, data), (10, 20, &b"abc"[..]));
+        record.truncate(record.len() - 1);
+        assert!(matches!(decode(&record), Err(DecodeError::Truncated { .. })), "claims more than it has");
     }
 
     #[test]

@@ -8,11 +8,13 @@
 
 mod classify;
 mod conns;
+mod kafka;
 mod context;
 mod maps;
 mod postgres;
 mod process;
 mod propagation;
+mod stream;
 mod syscalls;
 
 #[cfg(not(test))]

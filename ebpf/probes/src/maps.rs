@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use zerotel_abi::{limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, ThreadContext};
+use zerotel_abi::{
+    limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, StreamChunk, ThreadContext,
+};
 
 /// Events for the agent.
 #[map]
@@ -59,6 +61,14 @@ pub static PG_SCRATCH: PerCpuArray<PgMessageEvent> = PerCpuArray::with_max_entri
 /// Per-CPU state of the PostgreSQL message walk (`postgres::walk`).
 #[map]
 pub static PG_WALK: PerCpuArray<crate::postgres::Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room to build a stream chunk record (`stream`).
+#[map]
+pub static STREAM_SCRATCH: PerCpuArray<StreamChunk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU state of the stream copy loop (`stream::capture`).
+#[map]
+pub static STREAM_WALK: PerCpuArray<crate::stream::Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch word (see `propagation::launder`).
 #[map]

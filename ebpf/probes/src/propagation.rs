@@ -101,7 +101,11 @@ fn sends_http_request(pid_tgid: u64) -> bool {
     match unsafe { CONNS.get(&conn_key((pid_tgid >> 32) as u32, call.fd)) } {
         // A send while a request is outstanding is that request's body (or a pipelined request):
         // only a send that starts a new exchange may carry the header.
-        Some(conn) => conn.role == role::CLIENT && conn.protocol != protocol::OTHER && conn.request_outstanding == 0,
+        Some(conn) => {
+            conn.role == role::CLIENT
+                && matches!(conn.protocol, protocol::UNKNOWN | protocol::HTTP1)
+                && conn.request_outstanding == 0
+        }
         None => false,
     }
 }

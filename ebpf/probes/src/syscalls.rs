@@ -16,7 +16,7 @@ use crate::{
     classify::{is_http_request_start, is_http_response_start, is_http_start},
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
-    postgres,
+    kafka, postgres, stream,
     maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
 };
 
@@ -150,6 +150,10 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         postgres::walk(conn, call.direction, data, len, header(kind::PG_MESSAGE, pid_tgid), call.start_ns);
         return Ok(());
     }
+    if conn.protocol == protocol::KAFKA {
+        stream::capture(&call, conn.conn_id, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        return Ok(());
+    }
     if conn.protocol != protocol::HTTP1 {
         return Ok(());
     }
@@ -195,6 +199,9 @@ fn classify(conn: &mut ConnState, prefix: &[u8; 8], dir: u8) -> u8 {
         protocol::POSTGRES
     } else if conn.conn_id & SEEDED_CONN_ID_BIT != 0 && dir == direction::EGRESS && postgres::is_frontend_message(prefix) {
         protocol::POSTGRES
+    } else if dir == direction::EGRESS && kafka::is_request_start(prefix) {
+        // Checked after PostgreSQL: a StartupMessage reads as a Kafka Metadata v0 header.
+        protocol::KAFKA
     } else {
         protocol::OTHER
     }

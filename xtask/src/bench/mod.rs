@@ -5,6 +5,7 @@ mod agent;
 mod bpf_stats;
 mod http;
 mod http1;
+mod kafka;
 mod nginx;
 mod postgres;
 mod proc;
@@ -26,7 +27,7 @@ use crate::{cargo_cmd, setup, signals, util};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none given). Available: http, postgres.
+    /// Scenarios to run (all when none given). Available: http, postgres, kafka.
     pub names: Vec<String>,
     /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
     /// fixed rate).
@@ -91,7 +92,11 @@ pub trait Scenario {
 }
 
 fn scenarios() -> Vec<Box<dyn Scenario>> {
-    vec![Box::new(http::Http), Box::new(postgres::Postgres)]
+    vec![
+        Box::new(http::Http),
+        Box::new(postgres::Postgres),
+        Box::new(kafka::Kafka),
+    ]
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {

@@ -1,12 +1,17 @@
 //! Stage 2: events -> connections -> HTTP exchanges -> spans, with trace context and in-process
 //! parent/child links. Owns discovery, so process state and connection state change together.
+//! Kafka exchanges become messaging spans in `kafka`.
+
+mod kafka;
 
 use std::{sync::Arc, time::Duration};
 
 use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
-use zerotel_abi::{direction, ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, Sampler, SpanIds};
+use zerotel_abi::{
+    direction, ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, Sampler, SpanIds,
+};
 
 use crate::{
     capture::CapturedEvent,
@@ -22,7 +27,8 @@ use crate::{
     spans::{
         db::{self, DbSpan, QueryText, SummaryCache},
         http::{describe, Endpoint, Exchange},
-        model::{Span, SpanId, SpanKind, TraceId},
+        messaging::{ConsumerGroups, ProducedIndex, TopicNames},
+        model::{Span, SpanId, SpanKind, SpanLink, TraceId},
     },
     telemetry::Telemetry,
 };
@@ -81,6 +87,15 @@ impl Lineage {
     }
 }
 
+/// A span's description, before ids and times.
+struct Described {
+    kind: SpanKind,
+    name: String,
+    attributes: crate::spans::model::Attributes,
+    status: crate::spans::model::SpanStatus,
+    links: Vec<SpanLink>,
+}
+
 /// Ids and timing of an exchange from its request head until it ends.
 struct OpenExchange {
     lineage: Lineage,
@@ -93,6 +108,7 @@ struct OpenExchange {
 /// The SERVER exchange a thread is serving: CLIENT requests it sends become its children.
 #[derive(Clone, Copy)]
 struct Serving {
+    pid: u32,
     conn_id: u64,
     exchange: u64,
     trace_id: TraceId,
@@ -104,19 +120,82 @@ struct Serving {
 const MAX_OPEN_EXCHANGES: usize = 65_536;
 const MAX_SERVING_THREADS: usize = 65_536;
 
+/// What each thread is serving, and which threads of a process are serving.
+#[derive(Default)]
+struct ServingTable {
+    by_tid: FxHashMap<u32, Serving>,
+    tids_by_pid: FxHashMap<u32, Vec<u32>>,
+}
+
+impl ServingTable {
+    fn of_thread(&self, tid: u32) -> Option<Serving> {
+        self.by_tid.get(&tid).copied()
+    }
+
+    /// The request a process is serving when it serves exactly one: a client library that sends
+    /// from its own thread (librdkafka, kafka-python) still sends on behalf of that request.
+    fn only_one_of(&self, pid: u32) -> Option<Serving> {
+        match self.tids_by_pid.get(&pid).map(Vec::as_slice) {
+            Some([tid]) => self.of_thread(*tid),
+            _ => None,
+        }
+    }
+
+    fn start(&mut self, tid: u32, serving: Serving) {
+        if self.by_tid.len() >= MAX_SERVING_THREADS {
+            self.by_tid.clear();
+            self.tids_by_pid.clear();
+        }
+        if let Some(previous) = self.by_tid.insert(tid, serving) {
+            self.unindex(previous.pid, tid);
+        }
+        self.tids_by_pid.entry(serving.pid).or_default().push(tid);
+    }
+
+    /// The thread is done with this exchange (and not with a later one it started since).
+    fn end(&mut self, tid: u32, conn_id: u64, exchange: u64) {
+        let Some(serving) = self.by_tid.get(&tid) else { return };
+        if serving.conn_id == conn_id && serving.exchange == exchange {
+            let pid = serving.pid;
+            self.by_tid.remove(&tid);
+            self.unindex(pid, tid);
+        }
+    }
+
+    /// A process ended: nothing of it is served any more.
+    fn forget_process(&mut self, pid: u32) {
+        for tid in self.tids_by_pid.remove(&pid).unwrap_or_default() {
+            self.by_tid.remove(&tid);
+        }
+    }
+
+    fn unindex(&mut self, pid: u32, tid: u32) {
+        if let Some(tids) = self.tids_by_pid.get_mut(&pid) {
+            tids.retain(|t| *t != tid);
+            if tids.is_empty() {
+                self.tids_by_pid.remove(&pid);
+            }
+        }
+    }
+}
+
 pub struct Assembler {
     conns: ConnTable,
     exchanges: FxHashMap<(u64, u64), OpenExchange>,
-    serving: FxHashMap<u32, Serving>,
+    serving: ServingTable,
     discovery: Discovery,
     telemetry: Arc<Telemetry>,
     sampler: Sampler,
     /// How much SQL text spans carry.
     query_text: QueryText,
     sql_summaries: SummaryCache,
+    topic_names: TopicNames,
+    produced: ProducedIndex,
+    consumer_groups: ConsumerGroups,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to turn kernel times into wall-clock times.
     mono_to_unix_ns: i128,
     outputs: Vec<Output>,
+    kafka_exchanges: Vec<crate::protocols::kafka::Exchange>,
     spans: Vec<Span>,
 }
 
@@ -128,11 +207,15 @@ impl Assembler {
             sql_summaries: SummaryCache::default(),
             conns: ConnTable::default(),
             exchanges: FxHashMap::default(),
-            serving: FxHashMap::default(),
+            serving: ServingTable::default(),
+            topic_names: TopicNames::default(),
+            produced: ProducedIndex::default(),
+            consumer_groups: ConsumerGroups::default(),
             discovery,
             telemetry,
             mono_to_unix_ns: mono_to_unix_offset(),
             outputs: Vec::new(),
+            kafka_exchanges: Vec::new(),
             spans: Vec::new(),
         }
     }
@@ -151,6 +234,7 @@ impl Assembler {
             CapturedEvent::ProcessExec(e) => self.on_exec(&e),
             CapturedEvent::ProcessExit(e) => self.on_exit(&e),
             CapturedEvent::PgMessage { head, body } => self.on_pg_message(&head, &body),
+            CapturedEvent::StreamChunk { head, data } => self.on_stream_chunk(&head, &data),
         }
     }
 
@@ -244,26 +328,40 @@ impl Assembler {
     }
 
     fn push_client_span(&mut self, pid: u32, tid: u32, start_ns: u64, end_ns: u64, span: DbSpan) {
-        let lineage = Lineage::from_serving(self.serving.get(&tid).copied(), &self.sampler);
+        let lineage = Lineage::from_serving(self.serving.of_thread(tid), &self.sampler);
+        let described = Described { kind: SpanKind::Client, name: span.name, attributes: span.attributes, status: span.status, links: Vec::new() };
+        self.push_span(pid, lineage, context::new_span_id(), (start_ns, end_ns), described);
+    }
+
+    /// Export a span unless its trace is not sampled; the span's link for others to use.
+    fn push_span(&mut self, pid: u32, lineage: Lineage, span_id: SpanId, (start_ns, end_ns): (u64, u64), span: Described) -> Option<SpanLink> {
         if lineage.flags & context::SAMPLED == 0 {
             self.telemetry.spans_unsampled.inc();
-            return;
+            return None;
         }
-        self.telemetry.spans_client.inc();
+        match span.kind {
+            SpanKind::Server => self.telemetry.spans_server.inc(),
+            SpanKind::Client => self.telemetry.spans_client.inc(),
+            SpanKind::Producer => self.telemetry.spans_producer.inc(),
+            SpanKind::Consumer => self.telemetry.spans_consumer.inc(),
+        }
+        let link = SpanLink { trace_id: lineage.trace_id, span_id, trace_flags: lineage.flags };
         self.spans.push(Span {
             trace_id: lineage.trace_id,
-            span_id: context::new_span_id(),
+            span_id,
             parent_span_id: lineage.parent,
             trace_flags: lineage.flags,
             trace_state: lineage.trace_state,
-            kind: SpanKind::Client,
+            kind: span.kind,
             name: span.name,
             start_unix_ns: self.to_unix(start_ns),
             end_unix_ns: self.to_unix(end_ns.max(start_ns)),
             attributes: span.attributes,
             status: span.status,
+            links: span.links,
             resource: self.discovery.resource(pid),
         });
+        Some(link)
     }
 
     fn on_close(&mut self, e: &ConnCloseEvent) {
@@ -298,8 +396,9 @@ impl Assembler {
                 }
                 self.close_conn(conn_id, e.header.ts_ns);
             }
-            self.serving.retain(|_, s| self.conns.get_mut(s.conn_id).is_some());
         }
+        self.serving.forget_process(pid);
+        self.consumer_groups.forget_process(pid);
         self.discovery.on_exit(pid);
     }
 
@@ -344,23 +443,19 @@ impl Assembler {
             None if is_server => {
                 (Lineage::from_remote(context::extract(&request.context), &self.sampler), context::new_span_id())
             }
-            None => (Lineage::from_serving(self.serving.get(&tid).copied(), &self.sampler), context::new_span_id()),
+            None => (Lineage::from_serving(self.serving.of_thread(tid), &self.sampler), context::new_span_id()),
         };
         if is_server {
-            if self.serving.len() >= MAX_SERVING_THREADS {
-                self.serving.clear();
-            }
-            let serving = Serving { conn_id, exchange: id, trace_id: lineage.trace_id, span_id, flags: lineage.flags };
-            self.serving.insert(tid, serving);
+            let pid = conn.pid;
+            let serving = Serving { pid, conn_id, exchange: id, trace_id: lineage.trace_id, span_id, flags: lineage.flags };
+            self.serving.start(tid, serving);
         }
         self.exchanges.insert((conn_id, id), OpenExchange { lineage, span_id, request, start_ns, tid });
     }
 
     fn end_exchange(&mut self, conn_id: u64, id: u64, response: Option<&ResponseHead>, end_ns: u64, outcome: Outcome) {
         let Some(exchange) = self.exchanges.remove(&(conn_id, id)) else { return };
-        if self.serving.get(&exchange.tid).is_some_and(|s| s.conn_id == conn_id && s.exchange == id) {
-            self.serving.remove(&exchange.tid);
-        }
+        self.serving.end(exchange.tid, conn_id, id);
         if outcome == Outcome::Desynchronised {
             self.telemetry.exchanges_desynchronised.inc();
             return;
@@ -379,24 +474,8 @@ impl Assembler {
             local: Endpoint { addr: conn.local, ip: &conn.local_ip },
             remote: Endpoint { addr: conn.remote, ip: &conn.remote_ip },
         });
-        match kind {
-            SpanKind::Server => self.telemetry.spans_server.inc(),
-            _ => self.telemetry.spans_client.inc(),
-        }
-        self.spans.push(Span {
-            trace_id: exchange.lineage.trace_id,
-            span_id: exchange.span_id,
-            parent_span_id: exchange.lineage.parent,
-            trace_flags: exchange.lineage.flags,
-            trace_state: exchange.lineage.trace_state,
-            kind,
-            name: http.name,
-            start_unix_ns: self.to_unix(exchange.start_ns),
-            end_unix_ns: self.to_unix(end_ns.max(exchange.start_ns)),
-            attributes: http.attributes,
-            status: http.status,
-            resource: self.discovery.resource(pid),
-        });
+        let described = Described { kind, name: http.name, attributes: http.attributes, status: http.status, links: Vec::new() };
+        self.push_span(pid, exchange.lineage, exchange.span_id, (exchange.start_ns, end_ns), described);
     }
 
     fn to_unix(&self, mono_ns: u64) -> u64 {
@@ -452,5 +531,38 @@ fn forward(assembler: &mut Assembler, tx: &mpsc::Sender<Vec<Span>>) {
     if tx.try_send(spans).is_err() {
         // A slow backend must never slow the capture: drop and count.
         assembler.telemetry.spans_queue_full.add(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serving(pid: u32, conn_id: u64, exchange: u64) -> Serving {
+        Serving { pid, conn_id, exchange, trace_id: [1; 16], span_id: [exchange as u8; 8], flags: 1 }
+    }
+
+    #[test]
+    fn a_process_serving_one_request_lends_it_to_its_other_threads() {
+        let mut table = ServingTable::default();
+        table.start(11, serving(1, 100, 1));
+        assert_eq!(table.only_one_of(1).map(|s| s.exchange), Some(1));
+        table.start(12, serving(1, 101, 2));
+        assert!(table.only_one_of(1).is_none(), "two requests at once: no guess");
+        table.end(11, 100, 1);
+        assert_eq!(table.only_one_of(1).map(|s| s.exchange), Some(2));
+        assert!(table.of_thread(11).is_none());
+    }
+
+    #[test]
+    fn ending_an_older_exchange_keeps_the_thread_on_its_newer_one() {
+        let mut table = ServingTable::default();
+        table.start(11, serving(1, 100, 1));
+        table.start(11, serving(1, 100, 2));
+        table.end(11, 100, 1);
+        assert_eq!(table.of_thread(11).map(|s| s.exchange), Some(2));
+        assert_eq!(table.only_one_of(1).map(|s| s.exchange), Some(2), "the thread is indexed once");
+        table.forget_process(1);
+        assert!(table.of_thread(11).is_none() && table.only_one_of(1).is_none());
     }
 }
