@@ -305,6 +305,8 @@ pub struct Produce {
     /// None: the client's default.
     pub retries: Option<u32>,
     pub client_id: String,
+    /// kcat only: each message padded with `x` to this many bytes (0: "message <i>" as it is).
+    pub value_bytes: usize,
 }
 
 impl Produce {
@@ -319,7 +321,15 @@ impl Produce {
             one_request: false,
             retries: None,
             client_id: "zerotel-producer".to_string(),
+            value_bytes: 0,
         }
+    }
+
+    /// Pads each message to `bytes` (kcat only): librdkafka then sends every value as an iovec
+    /// of its own.
+    pub fn padded_to(mut self, bytes: usize) -> Produce {
+        self.value_bytes = bytes;
+        self
     }
 
     pub fn to_partition(mut self, partition: i32) -> Produce {
@@ -665,7 +675,11 @@ impl Library {
 /// [`Produce::in_one_request`] a 500 ms linger holds them all (the file is read at once).
 fn kcat_producer(kafka: &MockKafka, produce: &Produce) -> PausedKafkaClient {
     let files = TempDir::new("kcat-producer");
-    let lines: String = (0..produce.count).map(|i| format!("message {i}\n")).collect();
+    let message = |i: usize| match produce.value_bytes {
+        0 => format!("message {i}\n"),
+        width => format!("{:x<width$}\n", format!("message {i} ")),
+    };
+    let lines: String = (0..produce.count).map(message).collect();
     let messages = files.write("messages.txt", lines);
     let mut args = kcat_args(kafka, &produce.client_id);
     args.extend(["-P", "-t", &produce.topic, "-z", produce.compression.name()].map(String::from));

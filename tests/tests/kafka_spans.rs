@@ -448,3 +448,47 @@ fn fixture_http_service_produces_per_request() {
     let records = parse_records(&Library::Confluent.consumer(&kafka, &Consume::new("orders", 4)).run());
     assert_eq!(records.len(), 4);
 }
+
+/// Sum of `messaging.batch.message_count` over `spans`.
+fn message_count(spans: &[ReceivedSpan]) -> i64 {
+    spans.iter().filter_map(|span| span.attr_int("messaging.batch.message_count")).sum()
+}
+
+/// Spans of `kind` named `name` of process `pid` until their messages add up to `messages`.
+fn spans_holding(receiver: &OtlpReceiver, pid: u32, kind: SpanKind, name: &str, messages: i64) -> Vec<ReceivedSpan> {
+    let matching = |spans: &[ReceivedSpan]| -> Vec<ReceivedSpan> {
+        spans.iter().filter(|s| s.kind == kind && s.pid() == Some(pid) && s.name == name).cloned().collect()
+    };
+    receiver.wait_for(|spans| message_count(&matching(spans)) >= messages, SPAN_TIMEOUT);
+    std::thread::sleep(EXTRA_SPANS_WAIT);
+    matching(&receiver.spans())
+}
+
+/// Batches near librdkafka's 1 MB `batch.size`, sent with one iovec per message value (about a
+/// thousand per sendmsg) and fetched back: every message is counted once, no frame is lost.
+#[test]
+fn megabyte_batches_of_many_iovecs_are_captured_whole() {
+    if !require_kernel() {
+        return;
+    }
+    const MESSAGES: usize = 30_000;
+    let kafka = MockKafka::start(&[("bulk", 1)]);
+    let produce = Produce::new("bulk", MESSAGES).to_partition(0).padded_to(100).in_one_request();
+    let consume = Consume::new("bulk", MESSAGES);
+    let producer = Library::Kcat.producer(&kafka, &produce);
+    let consumer = Library::Kcat.consumer(&kafka, &consume);
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&pid_args(&[producer.pid(), consumer.pid()]), Some(&receiver));
+    let (producer_pid, consumer_pid) = (producer.pid(), consumer.pid());
+    producer.run();
+    assert_eq!(parse_records(&consumer.run()).len(), MESSAGES);
+    let sends = spans_holding(&receiver, producer_pid, SpanKind::Producer, "send bulk", MESSAGES as i64);
+    assert_eq!(message_count(&sends), MESSAGES as i64, "{}", describe(&sends));
+    assert!(sends.len() >= 3, "3 MB in batches of at most 1 MB: {}", describe(&sends));
+    let polls = spans_holding(&receiver, consumer_pid, SpanKind::Consumer, "poll bulk", MESSAGES as i64);
+    assert_eq!(message_count(&polls), MESSAGES as i64, "{}", describe(&polls));
+    assert_eq!(agent.metric_sum("zerotel_kafka_truncated_frames_total"), 0);
+    assert_eq!(agent.metric_sum("zerotel_kafka_desyncs_total"), 0);
+    assert_eq!(agent.metric_sum("zerotel_events_lost_total"), 0);
+    drop(agent);
+}

@@ -15,13 +15,15 @@ pub mod kind {
     pub const PROCESS_EXIT: u32 = 6;
     /// One PostgreSQL message of a traced connection: [`super::PgMessageEvent`].
     pub const PG_MESSAGE: u32 = 7;
-    /// A piece of a connection's byte stream, for protocols the agent frames itself (Kafka):
-    /// [`super::StreamChunk`].
+    /// A piece of a connection's byte stream, for protocols the agent frames itself (Kafka): a
+    /// [`super::StreamChunkHead`] and `captured` bytes.
     pub const STREAM_CHUNK: u32 = 8;
 }
 
-/// Bytes one [`StreamChunk`] carries at most (a power of two: the verifier bounds reads with it).
-pub const STREAM_CHUNK_BYTES: usize = 16 * 1024;
+/// Bytes one stream chunk record carries at most (a power of two: the verifier bounds copies
+/// with it). The kernel packs the pieces of every iovec into chunks of this size, so a send of
+/// a thousand small iovecs costs a few records, not a thousand.
+pub const STREAM_CHUNK_BYTES: usize = 8 * 1024;
 
 /// Bytes of one syscall that reach the agent at most, in chunks; the rest is only counted (the
 /// agent skips a frame it did not get whole). 1 MiB holds the largest batch a default-configured
@@ -29,18 +31,9 @@ pub const STREAM_CHUNK_BYTES: usize = 16 * 1024;
 /// partition's worth of a Fetch (`max.partition.fetch.bytes`).
 pub const STREAM_SYSCALL_CAP: u64 = 1 << 20;
 
-/// A piece of one syscall's bytes on a stream-captured connection. Pieces of a syscall come in
-/// order and name the stream offset where the syscall ends, so the agent tells bytes that were
-/// moved but not captured from events that were lost. Sent with only `head.captured` bytes of
-/// `data`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StreamChunk {
-    pub head: StreamChunkHead,
-    pub data: [u8; STREAM_CHUNK_BYTES],
-}
-
-/// Everything of a [`StreamChunk`] but its data.
+/// A piece of one syscall's bytes on a stream-captured connection, followed by `captured` bytes.
+/// Pieces of a syscall come in order and name the stream offset where the syscall ends, so the
+/// agent tells bytes that were moved but not captured from events that were lost.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamChunkHead {
@@ -49,21 +42,16 @@ pub struct StreamChunkHead {
     pub conn_id: u64,
     /// When the syscall started.
     pub start_ns: u64,
-    /// Stream offset (bytes moved in this direction before) of `data[0]`.
+    /// Stream offset (bytes moved in this direction before) of the first byte that follows.
     pub offset: u64,
     /// Stream offset just past the syscall's last byte.
     pub syscall_end: u64,
     /// [`crate::direction`].
     pub direction: u8,
     pub _pad: u8,
-    /// Bytes of `data` that follow.
+    /// Bytes that follow the head.
     pub captured: u16,
     pub _pad2: u32,
-}
-
-impl StreamChunk {
-    /// Bytes of the record before `data`.
-    pub const HEAD_SIZE: usize = core::mem::size_of::<StreamChunkHead>();
 }
 
 /// Body bytes a PostgreSQL message record carries at most (a power of two: the verifier bounds

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use zerotel_abi::{
-    limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, StreamChunk, ThreadContext,
+    limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, ThreadContext,
 };
 
 /// Events for the agent.
@@ -64,7 +64,7 @@ pub static PG_WALK: PerCpuArray<crate::postgres::Walk> = PerCpuArray::with_max_e
 
 /// Per-CPU room to build a stream chunk record (`stream`).
 #[map]
-pub static STREAM_SCRATCH: PerCpuArray<StreamChunk> = PerCpuArray::with_max_entries(1, 0);
+pub static STREAM_SCRATCH: PerCpuArray<crate::stream::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU state of the stream copy loop (`stream::capture`).
 #[map]

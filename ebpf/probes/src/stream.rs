@@ -1,23 +1,40 @@
 //! Whole-stream capture for protocols the agent frames itself (Kafka): a syscall's bytes, up to
-//! `STREAM_SYSCALL_CAP`, go to the agent in `StreamChunk` records, across every iovec. The copy
-//! loop runs in `bpf_loop` with its state in a per-CPU map, so the verifier checks one iteration.
+//! `STREAM_SYSCALL_CAP`, go to the agent in stream chunk records, across every iovec. Pieces of
+//! iovecs are packed into chunks of `STREAM_CHUNK_BYTES` (librdkafka sends one iovec per message
+//! value: a thousand tiny pieces per request). The copy loop runs in `bpf_loop` with its state in
+//! per-CPU maps, so the verifier checks one iteration.
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::generated::{bpf_loop, bpf_probe_read_user};
-use zerotel_abi::{
-    buffer, counters, kind, EventHeader, InFlight, StreamChunk, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP,
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::generated::{bpf_loop, bpf_probe_read_user},
 };
+use zerotel_abi::{buffer, counters, kind, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
 
 use crate::maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK};
 
-/// Loop iterations per syscall: the 64 chunks of `STREAM_SYSCALL_CAP` plus as many iovecs.
-const MAX_STEPS: u32 = 128;
+/// Loop iterations per syscall: one per iovec piece. Sends hold at most 1024 iovecs (UIO_MAXIOV)
+/// and a piece ends at a chunk boundary at most once per chunk of the cap.
+const MAX_STEPS: u32 = 1024 + 2 * (STREAM_SYSCALL_CAP / STREAM_CHUNK_BYTES as u64) as u32;
+
+const CHUNK: u64 = STREAM_CHUNK_BYTES as u64;
+
+/// A chunk record being filled. Twice the room a chunk needs, so the verifier can check a copy
+/// of up to a chunk at any fill level below a chunk from the two ranges alone.
+#[repr(C)]
+pub struct Scratch {
+    head: StreamChunkHead,
+    data: [u8; 2 * STREAM_CHUNK_BYTES],
+}
 
 /// Where the copy of one syscall's bytes stands.
 #[repr(C)]
 pub struct Walk {
+    /// The head of the chunk being filled (`offset` = stream offset of its first byte).
     head: StreamChunkHead,
+    /// Bytes in the chunk being filled (always below a chunk between steps).
+    fill: u64,
     /// The next `struct iovec` to read (0 for a plain buffer or after the last one).
     next_iovec: u64,
     /// The part of the current buffer not copied yet.
@@ -25,11 +42,10 @@ pub struct Walk {
     left: u64,
     /// Bytes still to copy (at most the cap).
     remaining: u64,
-    /// Ring-buffer flags of the syscall's last record (earlier ones never wake the agent).
-    wakeup: u64,
 }
 
-/// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`).
+/// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`); the last
+/// record goes with `wakeup` flags, the others never wake the agent.
 #[inline(always)]
 pub fn capture(call: &InFlight, conn_id: u64, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
     let Some(walk) = STREAM_WALK.get_ptr_mut(0) else { return };
@@ -60,77 +76,97 @@ pub fn capture(call: &InFlight, conn_id: u64, len: u64, offset: u64, header: Eve
             captured: 0,
             _pad2: 0,
         },
+        fill: 0,
         next_iovec,
         base,
         left,
         remaining: if len < STREAM_SYSCALL_CAP { len } else { STREAM_SYSCALL_CAP },
-        wakeup,
     };
     // SAFETY: a helper call; `step` finds its state in STREAM_WALK.
     unsafe {
         bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0);
     }
+    if walk.fill > 0 {
+        flush(walk, wakeup);
+    }
 }
 
-/// Move to the next iovec, or copy one chunk of the current buffer. Returns 1 to stop.
+/// Copy the next piece of the current iovec (moving to the next iovec first if this one is
+/// done) into the chunk, and send the chunk once full. Returns 1 to stop.
 extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(walk) = STREAM_WALK.get_ptr_mut(0) else { return 1 };
     // SAFETY: the per-CPU value `capture` filled; nothing else runs on this CPU meanwhile.
     let walk = unsafe { &mut *walk };
-    if walk.remaining == 0 {
+    if walk.remaining == 0 || (walk.left == 0 && !next_iovec(walk)) {
         return 1;
     }
-    if walk.left == 0 {
-        // The bytes fill the iovecs in order: those holding `len` bytes are all inside the array.
-        if walk.next_iovec == 0 {
-            return 1;
-        }
-        // SAFETY: probe read faults safely. struct iovec { void *iov_base; size_t iov_len; }.
-        let Ok([base, left]) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(walk.next_iovec as *const [u64; 2]) })
-        else {
-            count(counters::CAPTURE_FAILED);
-            return 1;
-        };
-        walk.next_iovec += 16;
-        walk.base = base;
-        walk.left = left;
-        return 0;
-    }
+    let room = CHUNK - walk.fill;
     let mut size = if walk.left < walk.remaining { walk.left } else { walk.remaining };
-    if size > STREAM_CHUNK_BYTES as u64 {
-        size = STREAM_CHUNK_BYTES as u64;
+    if size > room {
+        size = room;
     }
-    if !emit(walk, size as u32) {
+    if !copy(walk, size) {
         return 1;
     }
     walk.base += size;
     walk.left -= size;
     walk.remaining -= size;
-    walk.head.offset += size;
+    if walk.fill >= CHUNK && !flush(walk, BPF_RB_NO_WAKEUP as u64) {
+        return 1;
+    }
     0
 }
 
-/// Send `size` bytes at `walk.base` as one record.
+/// Make the next iovec current. The bytes fill the iovecs in order, so those holding the
+/// syscall's bytes are all inside the caller's array.
 #[inline(always)]
-fn emit(walk: &Walk, size: u32) -> bool {
-    let Some(record) = STREAM_SCRATCH.get_ptr_mut(0) else { return false };
+fn next_iovec(walk: &mut Walk) -> bool {
+    if walk.next_iovec == 0 {
+        return false;
+    }
+    // SAFETY: probe read faults safely. struct iovec { void *iov_base; size_t iov_len; }.
+    let Ok([base, left]) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(walk.next_iovec as *const [u64; 2]) }) else {
+        count(counters::CAPTURE_FAILED);
+        return false;
+    };
+    walk.next_iovec += 16;
+    walk.base = base;
+    walk.left = left;
+    true
+}
+
+/// Append `size` (at most the room left in the chunk) bytes at `walk.base` to the chunk.
+#[inline(always)]
+fn copy(walk: &mut Walk, size: u64) -> bool {
+    let Some(scratch) = STREAM_SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: a per-CPU scratch value no one else uses while this program runs.
-    let record = unsafe { &mut *record };
-    let size = size & (2 * STREAM_CHUNK_BYTES as u32 - 1);
-    let size = if size > STREAM_CHUNK_BYTES as u32 { STREAM_CHUNK_BYTES as u32 } else { size };
-    // SAFETY: size <= STREAM_CHUNK_BYTES = data's length; the read faults safely.
-    let rc = unsafe { bpf_probe_read_user(record.data.as_mut_ptr().cast(), size, walk.base as *const c_void) };
+    let scratch = unsafe { &mut *scratch };
+    let at = (walk.fill & (CHUNK - 1)) as usize;
+    let size = if size > CHUNK { CHUNK as u32 } else { size as u32 };
+    // SAFETY: at < CHUNK and size <= CHUNK: inside `data` (2 * CHUNK); the read faults safely.
+    let rc = unsafe { bpf_probe_read_user(scratch.data.as_mut_ptr().add(at).cast(), size, walk.base as *const c_void) };
     if rc != 0 {
         count(counters::CAPTURE_FAILED);
         return false;
     }
-    record.head = walk.head;
-    record.head.captured = size as u16;
-    let last = u64::from(size) == walk.remaining;
-    let flags = if last { walk.wakeup } else { aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64 };
-    let total = StreamChunk::HEAD_SIZE + size as usize;
-    // SAFETY: `total` <= size_of::<StreamChunk>(); the slice is the scratch value's bytes.
-    let bytes = unsafe { core::slice::from_raw_parts((record as *const StreamChunk).cast::<u8>(), total) };
+    walk.fill += u64::from(size);
+    true
+}
+
+/// Send the chunk and start the next one where it ends.
+#[inline(always)]
+fn flush(walk: &mut Walk, flags: u64) -> bool {
+    let Some(scratch) = STREAM_SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: a per-CPU scratch value no one else uses while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    let size = if walk.fill > CHUNK { CHUNK } else { walk.fill };
+    scratch.head = walk.head;
+    scratch.head.captured = size as u16;
+    walk.head.offset += size;
+    walk.fill = 0;
+    let total = core::mem::size_of::<StreamChunkHead>() + size as usize;
+    // SAFETY: `total` <= size_of::<Scratch>(); the slice is the scratch value's bytes.
+    let bytes = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), total) };
     match EVENTS.output::<[u8]>(bytes, flags) {
         Ok(()) => {
             count(counters::TRAFFIC_EVENTS);

@@ -5,17 +5,15 @@
 //! The producer is kcat (C, on the system librdkafka) sending the lines of a file as messages
 //! to one partition, batched as librdkafka does by default: it is limited by librdkafka's
 //! sending, where the agent's probes run, not by an interpreter. kcat is a new process every
-//! round and the agent must see it from its first byte, so it starts through a launcher shell
-//! that blocks on stdin: traced rounds point the agent at the shell's pid, wait for /healthz,
-//! then let the shell exec kcat, which keeps the pid. Untraced rounds take the same path.
+//! round and the agent must see it from its first byte: the rounds hold it at the starting line
+//! until the agent is ready (see `client_rounds`).
 
 use std::{
-    fs,
-    io::{BufRead as _, BufReader, Write as _},
+    fmt, fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{ChildStdin, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -23,15 +21,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{
-    agent::{self, Agent},
-    bpf_stats::{self, ProgStat, StatsEnabled},
-    median,
+    client_rounds::{self, max_agent, med, med_agent, ratio, AgentUse, Bench, Client, Exit},
     proc::{self, Guard, TempDir},
-    sink::Sink,
     targets::{num, targets_markdown, Cmp, Target},
     BenchArgs, Ctx, Report, Scenario,
 };
-use crate::{signals, util};
+use crate::util;
 
 /// Messages per round, and their size: about 1.3 s of kcat untraced on 2 CPUs.
 const MESSAGES: usize = 2_000_000;
@@ -39,8 +34,6 @@ const MESSAGE_BYTES: usize = 100;
 /// Created by the mock on first use (4 partitions); every message goes to partition 0.
 const TOPIC: &str = "bench";
 const CLIENT_ID: &str = "zerotel-bench";
-/// `sh -c LAUNCHER kcat ARGS...`: waits for a line on stdin, then becomes kcat.
-const LAUNCHER: &str = r#"read go && exec "$0" "$@""#;
 /// Holds a one-broker mock cluster, prints its bootstrap address, lives until stdin closes.
 const BROKER: &str = r#"
 import sys
@@ -67,28 +60,17 @@ impl Scenario for Kafka {
         let dir = TempDir::new("kafka")?;
         let broker = Broker::start(dir.path())?;
         eprintln!("bench kafka: mock broker on {}", broker.bootstrap);
-        let tracer = ctx
-            .agent
-            .map(|exe| Tracer::new(exe, &a.agent_args))
-            .transpose()?;
-        let bench = Bench {
+        let bench = Bench::new("kafka", ctx, dir.path())?;
+        let kcat = Kcat {
             bootstrap: &broker.bootstrap,
             messages: write_messages(dir.path())?,
-            log_dir: dir.path(),
-            tracer: tracer.as_ref(),
         };
         if a.warmup > 0 {
             bench
-                .launch("warmup")?
-                .go()
+                .untraced(&kcat, "warmup")
                 .context("warm-up round failed")?;
         }
-        let mut rounds = Vec::new();
-        for i in 1..=a.rounds {
-            for mode in [UNTRACED, TRACED] {
-                rounds.extend(bench.round(i, mode)?);
-            }
-        }
+        let rounds = bench.rounds(&kcat, a.rounds)?;
         Ok(report(ctx, &rounds, &kcat_version()))
     }
 }
@@ -161,6 +143,12 @@ fn parse_kcat_version(text: &str) -> String {
 
 // ---- kcat ----
 
+/// kcat producing every line of `messages` to partition 0 of the topic.
+struct Kcat<'a> {
+    bootstrap: &'a str,
+    messages: PathBuf,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct ProduceResult {
     messages: usize,
@@ -170,127 +158,30 @@ struct ProduceResult {
     mib_per_s: f64,
 }
 
-/// kcat held at the starting line: a shell blocked on stdin, which execs kcat (same pid) once
-/// it reads a line. Killed on drop if still running.
-struct Launch {
-    guard: Guard,
-    stdin: ChildStdin,
-    log: PathBuf,
-}
-
-impl Launch {
-    fn spawn(args: &[String], log: PathBuf) -> Result<Self> {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", LAUNCHER, "kcat"]).args(args);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", util::display(&cmd)))?;
-        let stdin = child.stdin.take().context("launcher stdin not captured")?;
-        Ok(Self {
-            guard: Guard::new("kcat", child),
-            stdin,
-            log,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.guard.pid()
-    }
-
-    /// Lets kcat go and waits until it has sent every message.
-    fn go(mut self) -> Result<ProduceResult> {
-        self.stdin
-            .write_all(b"go\n")
-            .context("cannot release the kcat launcher")?;
-        let started = Instant::now();
-        // Poll so SIGTERM to xtask stops kcat too (the guard kills it on the way out).
-        let status = loop {
-            if let Some(status) = self.guard.child.try_wait()? {
-                break status;
-            }
-            signals::check()?;
-            thread::sleep(Duration::from_millis(5));
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        let errors = fs::read_to_string(&self.log).unwrap_or_default();
-        if !status.success() || errors.contains("ERROR") {
-            bail!("kcat failed ({status}):\n{}", proc::tail(&self.log, 30));
-        }
-        Ok(ProduceResult {
-            messages: MESSAGES,
-            seconds,
-            msgs_per_s: MESSAGES as f64 / seconds,
-            mib_per_s: (MESSAGES * MESSAGE_BYTES) as f64 / seconds / (1024.0 * 1024.0),
-        })
-    }
-}
-
-// ---- rounds ----
-
-/// How a round runs.
-#[derive(Clone, Copy)]
-struct Mode {
-    name: &'static str,
-    traced: bool,
-}
-
-const UNTRACED: Mode = Mode {
-    name: "untraced",
-    traced: false,
-};
-const TRACED: Mode = Mode {
-    name: "traced",
-    traced: true,
-};
-
+/// The agent's figures relative to kcat's messages.
 #[derive(Serialize)]
-struct Round {
-    round: usize,
-    mode: &'static str,
-    #[serde(flatten)]
-    load: ProduceResult,
-    agent: Option<AgentRound>,
-}
-
-#[derive(Serialize)]
-struct AgentRound {
-    /// CPU used by the agent process while kcat ran.
-    cpu_s: f64,
+struct PerMessage {
     cpu_s_per_mmsg: f64,
-    /// cpu_s over kcat's wall time, in % of one core.
-    cpu_pct_of_core: f64,
-    /// Including start-up (BTF, program loading) and the post-load flush.
-    cpu_s_total: f64,
-    peak_rss_mib: f64,
-    /// Spans the agent assembled (zerotel_spans_total): one per Produce request.
-    spans: Option<f64>,
-    /// Spans the sink accepted (zerotel_spans_exported_total).
-    spans_exported: Option<f64>,
     /// spans over kcat's wall time.
     spans_per_s: Option<f64>,
-    events_lost: Option<f64>,
-    kernel_run_ns: u64,
-    kernel_runs: u64,
     kernel_ns_per_msg: f64,
-    otlp_posts: u64,
-    otlp_bytes: u64,
-    clean_exit: bool,
-    programs: Vec<ProgStat>,
 }
 
-/// What every round shares.
-struct Bench<'a> {
-    bootstrap: &'a str,
-    messages: PathBuf,
-    log_dir: &'a Path,
-    tracer: Option<&'a Tracer<'a>>,
-}
+type Round = client_rounds::Round<ProduceResult, PerMessage>;
+type AgentRound = client_rounds::AgentRound<PerMessage>;
 
-impl Bench<'_> {
-    fn kcat_args(&self) -> Vec<String> {
+impl Client for Kcat<'_> {
+    const NAME: &'static str = "kcat";
+    /// Fine: kcat's wall time is the throughput's denominator.
+    const POLL: Duration = Duration::from_millis(5);
+    type Load = ProduceResult;
+    type PerLoad = PerMessage;
+
+    fn program(&self) -> PathBuf {
+        "kcat".into()
+    }
+
+    fn args(&self) -> Vec<String> {
         let messages = self.messages.display().to_string();
         let client_id = format!("client.id={CLIENT_ID}");
         ["-P", "-b", self.bootstrap, "-t", TOPIC, "-p", "0"]
@@ -300,199 +191,48 @@ impl Bench<'_> {
             .collect()
     }
 
-    fn launch(&self, tag: &str) -> Result<Launch> {
-        Launch::spawn(
-            &self.kcat_args(),
-            self.log_dir.join(format!("kcat-{tag}.log")),
-        )
-    }
-
-    /// One round in `mode`; None for traced rounds without an agent (--untraced-only).
-    fn round(&self, i: usize, mode: Mode) -> Result<Option<Round>> {
-        signals::check()?;
-        let tracer = match (mode.traced, self.tracer) {
-            (true, None) => return Ok(None),
-            (traced, t) => t.filter(|_| traced),
-        };
-        let launch = self.launch(&format!("{}-{i}", mode.name))?;
-        let (load, agent) = match tracer {
-            None => (launch.go()?, None),
-            Some(t) => {
-                let log = self.log_dir.join(format!("agent-{i}.log"));
-                let (load, agent) = t.round(launch, &log)?;
-                (load, Some(agent))
-            }
-        };
-        let round = Round {
-            round: i,
-            mode: mode.name,
-            load,
-            agent,
-        };
-        eprintln!("bench kafka: {}", round.summary());
-        Ok(Some(round))
-    }
-}
-
-impl Round {
-    fn summary(&self) -> String {
-        let spans = self.agent.as_ref().map_or(String::new(), |g| {
-            format!(
-                ", {} spans, {} lost",
-                num(g.spans, 0),
-                num(g.events_lost, 0)
-            )
-        });
-        format!(
-            "round {} {}: {:.0} msg/s ({:.1} MiB/s) in {:.2} s{spans}",
-            self.round, self.mode, self.load.msgs_per_s, self.load.mib_per_s, self.load.seconds
-        )
-    }
-}
-
-/// What the traced rounds share: the OTLP sink and kernel BPF stats (on for the whole bench).
-struct Tracer<'a> {
-    exe: &'a Path,
-    extra_args: &'a [String],
-    sink: Sink,
-    _stats: StatsEnabled,
-}
-
-impl<'a> Tracer<'a> {
-    fn new(exe: &'a Path, extra_args: &'a [String]) -> Result<Self> {
-        Ok(Self {
-            exe,
-            extra_args,
-            sink: Sink::start()?,
-            _stats: StatsEnabled::enable()?,
-        })
-    }
-
-    /// Starts an agent on the held kcat, lets kcat go, and measures the agent meanwhile.
-    fn round(&self, launch: Launch, log: &Path) -> Result<(ProduceResult, AgentRound)> {
-        let endpoint = self.sink.endpoint();
-        let mut agent = Agent::start(agent::Spec {
-            exe: self.exe,
-            pids: &[launch.pid()],
-            otlp_endpoint: &endpoint,
-            extra_args: self.extra_args,
-            log: log.into(),
-        })?;
-        // Only this agent's programs count (another zerotel may run same-named ones).
-        let owned = bpf_stats::prog_ids_of(agent.pid()).unwrap_or_else(|e| {
-            eprintln!("bench kafka: warning: counting every zt_ program: {e:#}");
-            Default::default()
-        });
-        let before = Snapshot::take(&agent, &self.sink)?;
-        let load = launch.go()?;
-        let after = Snapshot::take(&agent, &self.sink)?;
-        let metrics = settled_metrics(&agent);
-        let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
-        let clean_exit = agent.stop();
-        if !clean_exit {
-            eprintln!(
-                "bench kafka: warning: the agent did not exit cleanly; see {}",
-                log.display()
+    /// A clean exit is not enough: an ERROR that librdkafka logged fails the run too.
+    fn load(exit: Exit) -> Result<ProduceResult> {
+        let errors = fs::read_to_string(&exit.stderr_log).unwrap_or_default();
+        if errors.contains("ERROR") {
+            bail!(
+                "kcat failed ({}):\n{}",
+                exit.status,
+                proc::tail(&exit.stderr_log, 30)
             );
         }
-        let programs = bpf_stats::only(bpf_stats::delta(&before.progs, &after.progs), &owned);
-        let (posts, bytes) = self.sink.totals();
+        Ok(ProduceResult {
+            messages: MESSAGES,
+            seconds: exit.seconds,
+            msgs_per_s: MESSAGES as f64 / exit.seconds,
+            mib_per_s: (MESSAGES * MESSAGE_BYTES) as f64 / exit.seconds / (1024.0 * 1024.0),
+        })
+    }
+
+    fn per_load(load: &ProduceResult, agent: &AgentUse) -> PerMessage {
         let messages = load.messages as f64;
-        let kernel_run_ns: u64 = programs.iter().map(|p| p.run_ns).sum();
-        let cpu_s = after.cpu_s - before.cpu_s;
-        let spans = agent::metric_sum(&metrics, "zerotel_spans_total");
-        let agent = AgentRound {
-            cpu_s,
-            cpu_s_per_mmsg: cpu_s / messages * 1e6,
-            cpu_pct_of_core: cpu_s / load.seconds.max(1e-3) * 100.0,
-            cpu_s_total,
-            peak_rss_mib,
-            spans,
-            spans_exported: agent::metric_sum(&metrics, "zerotel_spans_exported_total"),
-            spans_per_s: spans.map(|s| s / load.seconds.max(1e-3)),
-            events_lost: agent::metric_sum(&metrics, "zerotel_events_lost_total"),
-            kernel_run_ns,
-            kernel_runs: programs.iter().map(|p| p.runs).sum(),
-            kernel_ns_per_msg: kernel_run_ns as f64 / messages,
-            otlp_posts: posts - before.posts,
-            otlp_bytes: bytes - before.bytes,
-            clean_exit,
-            programs,
-        };
-        Ok((load, agent))
-    }
-}
-
-/// The agent's CPU, its programs' kernel counters and the sink's totals at one instant.
-struct Snapshot {
-    cpu_s: f64,
-    progs: Vec<ProgStat>,
-    posts: u64,
-    bytes: u64,
-}
-
-impl Snapshot {
-    fn take(agent: &Agent, sink: &Sink) -> Result<Self> {
-        let (posts, bytes) = sink.totals();
-        Ok(Self {
-            cpu_s: agent.cpu_seconds()?,
-            progs: bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
-            posts,
-            bytes,
-        })
-    }
-}
-
-/// /metrics once the agent has turned the last events into spans and exported them: after its
-/// 1 s flush interval, when two reads 500 ms apart agree on spans made and exported (10 s max).
-fn settled_metrics(agent: &Agent) -> String {
-    let read = || {
-        agent.metrics().unwrap_or_else(|e| {
-            eprintln!("bench kafka: warning: {e:#}");
-            String::new()
-        })
-    };
-    let counts = |m: &str| {
-        ["zerotel_spans_total", "zerotel_spans_exported_total"].map(|n| agent::metric_sum(m, n))
-    };
-    thread::sleep(Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = read();
-    loop {
-        thread::sleep(Duration::from_millis(500));
-        let now = read();
-        if counts(&now) == counts(&last) || Instant::now() > deadline {
-            return now;
+        PerMessage {
+            cpu_s_per_mmsg: agent.cpu_s / messages * 1e6,
+            spans_per_s: agent.spans.map(|s| s / load.seconds.max(1e-3)),
+            kernel_ns_per_msg: agent.kernel_run_ns as f64 / messages,
         }
-        last = now;
+    }
+}
+
+impl fmt::Display for ProduceResult {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{:.0} msg/s ({:.1} MiB/s) in {:.2} s",
+            self.msgs_per_s, self.mib_per_s, self.seconds
+        )
     }
 }
 
 // ---- report ----
 
-fn med(rounds: &[Round], mode: &str, f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
-    median(rounds.iter().filter(|r| r.mode == mode).filter_map(f))
-}
-
 fn throughput(r: &Round) -> Option<f64> {
     Some(r.load.msgs_per_s)
-}
-
-/// Median of `f` over the traced rounds' agents.
-fn med_agent(rounds: &[Round], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    median(rounds.iter().filter_map(|r| r.agent.as_ref().and_then(&f)))
-}
-
-/// The worst traced round, for targets that every round must meet.
-fn max_agent(rounds: &[Round], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    rounds
-        .iter()
-        .filter_map(|r| r.agent.as_ref().and_then(&f))
-        .reduce(f64::max)
-}
-
-fn ratio(rounds: &[Round]) -> Option<f64> {
-    Some(med(rounds, "traced", throughput)? / med(rounds, "untraced", throughput)?)
 }
 
 fn report(ctx: &Ctx, rounds: &[Round], version: &str) -> Report {
@@ -507,7 +247,7 @@ fn report(ctx: &Ctx, rounds: &[Round], version: &str) -> Report {
         },
         "rounds": rounds,
         "medians": medians_json(rounds),
-        "ratios_traced_over_untraced": { "msgs_per_s": ratio(rounds) },
+        "ratios_traced_over_untraced": { "msgs_per_s": ratio(rounds, throughput) },
         "targets": targets,
     });
     let markdown = [
@@ -523,14 +263,14 @@ fn report(ctx: &Ctx, rounds: &[Round], version: &str) -> Report {
 fn medians_json(rounds: &[Round]) -> Value {
     let mode_medians = |mode| json!({ "msgs_per_s": med(rounds, mode, throughput) });
     let agent = json!({
-        "cpu_s_per_mmsg": med_agent(rounds, |g| Some(g.cpu_s_per_mmsg)),
-        "cpu_pct_of_core": med_agent(rounds, |g| Some(g.cpu_pct_of_core)),
-        "peak_rss_mib": med_agent(rounds, |g| Some(g.peak_rss_mib)),
-        "spans": med_agent(rounds, |g| g.spans),
-        "spans_per_s": med_agent(rounds, |g| g.spans_per_s),
-        "spans_exported": med_agent(rounds, |g| g.spans_exported),
-        "events_lost": med_agent(rounds, |g| g.events_lost),
-        "kernel_ns_per_msg": med_agent(rounds, |g| Some(g.kernel_ns_per_msg)),
+        "cpu_s_per_mmsg": med_agent(rounds, |g| Some(g.per_load.cpu_s_per_mmsg)),
+        "cpu_pct_of_core": med_agent(rounds, |g| Some(g.usage.cpu_pct_of_core)),
+        "peak_rss_mib": med_agent(rounds, |g| Some(g.usage.peak_rss_mib)),
+        "spans": med_agent(rounds, |g| g.usage.spans),
+        "spans_per_s": med_agent(rounds, |g| g.per_load.spans_per_s),
+        "spans_exported": med_agent(rounds, |g| g.usage.spans_exported),
+        "events_lost": med_agent(rounds, |g| g.usage.events_lost),
+        "kernel_ns_per_msg": med_agent(rounds, |g| Some(g.per_load.kernel_ns_per_msg)),
     });
     json!({ "untraced": mode_medians("untraced"), "traced": mode_medians("traced"), "agent": agent })
 }
@@ -561,15 +301,12 @@ fn table(rounds: &[Round]) -> String {
         );
     }
     for mode in ["untraced", "traced"] {
-        let traced = |f: fn(&AgentRound) -> Option<f64>| {
-            (mode == "traced").then(|| med_agent(rounds, f)).flatten()
-        };
         md += &format!(
             "| **median** | {mode} | {} | {} | {} | {} |\n",
             num(med(rounds, mode, throughput), 0),
             num(med(rounds, mode, |r| Some(r.load.mib_per_s)), 1),
             num(med(rounds, mode, |r| Some(r.load.seconds)), 2),
-            agent_cells(traced),
+            agent_cells(|f| med(rounds, mode, |r| r.agent.as_ref().and_then(f))),
         );
     }
     md
@@ -578,15 +315,15 @@ fn table(rounds: &[Round]) -> String {
 /// The agent columns of a table row; `value` reads one field (None: n/a).
 fn agent_cells(value: impl Fn(fn(&AgentRound) -> Option<f64>) -> Option<f64>) -> String {
     [
-        num(value(|g| Some(g.cpu_s)), 2),
-        num(value(|g| Some(g.cpu_pct_of_core)), 1),
-        num(value(|g| Some(g.cpu_s_per_mmsg)), 2),
-        num(value(|g| Some(g.peak_rss_mib)), 1),
-        num(value(|g| g.spans), 0),
-        num(value(|g| g.spans_per_s), 0),
-        num(value(|g| g.spans_exported), 0),
-        num(value(|g| g.events_lost), 0),
-        num(value(|g| Some(g.kernel_ns_per_msg)), 1),
+        num(value(|g| Some(g.usage.cpu_s)), 2),
+        num(value(|g| Some(g.usage.cpu_pct_of_core)), 1),
+        num(value(|g| Some(g.per_load.cpu_s_per_mmsg)), 2),
+        num(value(|g| Some(g.usage.peak_rss_mib)), 1),
+        num(value(|g| g.usage.spans), 0),
+        num(value(|g| g.per_load.spans_per_s), 0),
+        num(value(|g| g.usage.spans_exported), 0),
+        num(value(|g| g.usage.events_lost), 0),
+        num(value(|g| Some(g.per_load.kernel_ns_per_msg)), 1),
     ]
     .join(" | ")
 }
@@ -595,19 +332,19 @@ fn summary(rounds: &[Round]) -> String {
     let x = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("x{v:.3}"));
     let mut s = format!(
         "\ntraced / untraced (medians): throughput {}\n",
-        x(ratio(rounds))
+        x(ratio(rounds, throughput))
     );
     if rounds.iter().any(|r| r.agent.is_some()) {
         s += &format!(
             "agent (medians): {} CPU s per million messages ({} % of one core), peak RSS {} MiB, {} spans ({} per second, {} exported), {} events lost, kernel {} ns/message\n",
-            num(med_agent(rounds, |g| Some(g.cpu_s_per_mmsg)), 2),
-            num(med_agent(rounds, |g| Some(g.cpu_pct_of_core)), 1),
-            num(med_agent(rounds, |g| Some(g.peak_rss_mib)), 1),
-            num(med_agent(rounds, |g| g.spans), 0),
-            num(med_agent(rounds, |g| g.spans_per_s), 0),
-            num(med_agent(rounds, |g| g.spans_exported), 0),
-            num(med_agent(rounds, |g| g.events_lost), 0),
-            num(med_agent(rounds, |g| Some(g.kernel_ns_per_msg)), 1),
+            num(med_agent(rounds, |g| Some(g.per_load.cpu_s_per_mmsg)), 2),
+            num(med_agent(rounds, |g| Some(g.usage.cpu_pct_of_core)), 1),
+            num(med_agent(rounds, |g| Some(g.usage.peak_rss_mib)), 1),
+            num(med_agent(rounds, |g| g.usage.spans), 0),
+            num(med_agent(rounds, |g| g.per_load.spans_per_s), 0),
+            num(med_agent(rounds, |g| g.usage.spans_exported), 0),
+            num(med_agent(rounds, |g| g.usage.events_lost), 0),
+            num(med_agent(rounds, |g| Some(g.per_load.kernel_ns_per_msg)), 1),
         );
     } else {
         s += "agent: not run (--untraced-only)\n";
@@ -621,14 +358,14 @@ fn targets(rounds: &[Round]) -> Vec<Target> {
     vec![
         Target::new(
             "throughput traced/untraced (median)",
-            ratio(rounds),
+            ratio(rounds, throughput),
             Cmp::AtLeast,
             TARGET_THROUGHPUT_RATIO,
             3,
         ),
         Target::new(
             "lost events (worst round)",
-            max_agent(rounds, |g| g.events_lost),
+            max_agent(rounds, |g| g.usage.events_lost),
             Cmp::Equals,
             0.0,
             0,
@@ -664,8 +401,8 @@ mod tests {
             round("untraced", 110.0),
             round("traced", 99.0),
         ];
-        assert_eq!(ratio(&rounds), Some(95.0 / 110.0));
-        assert_eq!(ratio(&rounds[..1]), None);
+        assert_eq!(ratio(&rounds, throughput), Some(95.0 / 110.0));
+        assert_eq!(ratio(&rounds[..1], throughput), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod agent;
 mod bpf_stats;
+mod client_rounds;
 mod http;
 mod http1;
 mod kafka;

@@ -3,18 +3,14 @@
 //! client side of every query, exporting OTLP/HTTP to a local sink).
 //!
 //! pgbench is a new process every round and the agent must see it from its first byte (the
-//! startup message, the Parse of each prepared statement), so every round starts it through a
-//! launcher shell that blocks on stdin: traced rounds point the agent at the shell's pid, wait
-//! for /healthz, then let the shell exec pgbench, which keeps the pid. Untraced rounds take the
-//! same path without an agent.
+//! startup message, the Parse of each prepared statement): the rounds hold it at the starting
+//! line until the agent is ready (see `client_rounds`).
 
 use std::{
-    fs,
-    io::{Read as _, Write as _},
+    fmt,
     path::{Path, PathBuf},
-    process::{ChildStdin, Command, Stdio},
-    thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -22,18 +18,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{
-    agent::{self, Agent},
-    bpf_stats::{self, ProgStat, StatsEnabled},
-    median,
-    proc::{self, free_port, Guard, TempDir},
-    sink::Sink,
+    client_rounds::{self, max_agent, med, med_agent, ratio, AgentUse, Bench, Client, Exit},
+    proc::{self, free_port, TempDir},
     targets::{num, targets_markdown, Cmp, Target},
     BenchArgs, Ctx, Report, Scenario,
 };
-use crate::{
-    signals,
-    util::{self, display},
-};
+use crate::util::{self, display};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// pgbench's scale factor: 10 => 1 000 000 rows in pgbench_accounts (~150 MB, cached).
@@ -42,8 +32,6 @@ const SCALE: u32 = 10;
 const CLIENTS: u32 = 4;
 const JOBS: u32 = 2;
 const DATABASE: &str = "bench";
-/// `sh -c LAUNCHER pgbench ARGS...`: waits for a line on stdin, then becomes pgbench.
-const LAUNCHER: &str = r#"read go && exec "$0" "$@""#;
 
 // What the issue asks of the agent; the report says whether each is met.
 const TARGET_TPS_RATIO: f64 = 0.95;
@@ -63,22 +51,18 @@ impl Scenario for Postgres {
             server.port,
             server.data.display()
         );
-        let tracer = ctx
-            .agent
-            .map(|exe| Tracer::new(exe, &a.agent_args))
-            .transpose()?;
-        let bench = Bench {
+        let bench = Bench::new("postgres", ctx, server.dir.path())?;
+        let pgbench = |duration_s| Pgbench {
             port: server.port,
-            log_dir: server.dir.path(),
-            tracer: tracer.as_ref(),
+            duration_s,
         };
-        bench.warm_up(a.warmup)?;
-        let mut rounds = Vec::new();
-        for i in 1..=a.rounds {
-            for mode in [UNTRACED, TRACED] {
-                rounds.extend(bench.round(i, mode, a.duration)?);
-            }
+        if a.warmup > 0 {
+            // Unreported, so the rounds start with warm caches (pages, plans).
+            bench
+                .untraced(&pgbench(a.warmup), "warmup")
+                .context("warm-up load failed")?;
         }
+        let rounds = bench.rounds(&pgbench(a.duration), a.rounds)?;
         Ok(report(ctx, &rounds, &pgbench_version()))
     }
 }
@@ -229,6 +213,12 @@ fn pgbench_version() -> String {
 
 // ---- pgbench ----
 
+/// pgbench's read-only workload against the server, for `duration_s`.
+struct Pgbench {
+    port: u16,
+    duration_s: u64,
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 struct PgbenchResult {
     /// Transactions per second, without the initial connection time.
@@ -239,71 +229,58 @@ struct PgbenchResult {
     latency_avg_ms: f64,
 }
 
-/// pgbench held at the starting line: a shell blocked on stdin, which execs pgbench (same pid)
-/// once it reads a line. Killed on drop if still running.
-struct Launch {
-    guard: Guard,
-    stdin: ChildStdin,
-    stdout: JoinHandle<std::io::Result<String>>,
-    stderr_log: PathBuf,
+/// The agent's figures relative to pgbench's queries.
+#[derive(Serialize)]
+struct PerQuery {
+    cpu_s_per_mquery: f64,
+    /// Wall time of pgbench, over which cpu_s and the kernel counters were taken.
+    load_s: f64,
+    kernel_ns_per_query: f64,
 }
 
-impl Launch {
-    fn spawn(args: &[String], stderr_log: PathBuf) -> Result<Self> {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", LAUNCHER])
-            .arg(Path::new(PG_BIN).join("pgbench"))
-            .args(args);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&stderr_log)?);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
-        let stdin = child.stdin.take().context("launcher stdin not captured")?;
-        let mut stdout = child.stdout.take().context("pgbench stdout not captured")?;
-        let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            stdout.read_to_string(&mut s).map(|_| s)
-        });
-        Ok(Self {
-            guard: Guard::new("pgbench", child),
-            stdin,
-            stdout,
-            stderr_log,
-        })
+type Round = client_rounds::Round<PgbenchResult, PerQuery>;
+type AgentRound = client_rounds::AgentRound<PerQuery>;
+
+impl Client for Pgbench {
+    const NAME: &'static str = "pgbench";
+    const POLL: Duration = Duration::from_millis(50);
+    type Load = PgbenchResult;
+    type PerLoad = PerQuery;
+
+    fn program(&self) -> PathBuf {
+        Path::new(PG_BIN).join("pgbench")
     }
 
-    /// The launcher's pid, which pgbench keeps.
-    fn pid(&self) -> u32 {
-        self.guard.pid()
+    fn args(&self) -> Vec<String> {
+        let n = |v: &dyn ToString| v.to_string();
+        let (c, j, t, p) = (n(&CLIENTS), n(&JOBS), n(&self.duration_s), n(&self.port));
+        let args = ["-n", "-S", "-M", "prepared", "-c", &c, "-j", &j, "-T", &t];
+        let conn = ["-h", "127.0.0.1", "-p", &p, "-U", "postgres", DATABASE];
+        args.iter().chain(&conn).map(|s| s.to_string()).collect()
     }
 
-    /// Lets pgbench start and waits for its report.
-    fn go(mut self) -> Result<PgbenchResult> {
-        self.stdin
-            .write_all(b"go\n")
-            .context("cannot release the pgbench launcher")?;
-        // Poll so SIGTERM to xtask stops pgbench too (the guard kills it on the way out).
-        let status = loop {
-            if let Some(status) = self.guard.child.try_wait()? {
-                break status;
-            }
-            signals::check()?;
-            thread::sleep(Duration::from_millis(50));
-        };
-        let out = self
-            .stdout
-            .join()
-            .map_err(|_| anyhow::anyhow!("pgbench output reader panicked"))?
-            .context("reading pgbench's output")?;
-        if !status.success() {
-            bail!(
-                "pgbench failed ({status}):\n{out}{}",
-                proc::tail(&self.stderr_log, 30)
-            );
-        }
+    fn load(exit: Exit) -> Result<PgbenchResult> {
+        let out = exit.stdout;
         parse_pgbench(&out).with_context(|| format!("cannot parse pgbench's output:\n{out}"))
+    }
+
+    fn per_load(load: &PgbenchResult, agent: &AgentUse) -> PerQuery {
+        let queries = (load.transactions as f64).max(1.0);
+        PerQuery {
+            cpu_s_per_mquery: agent.cpu_s / queries * 1e6,
+            load_s: agent.load_s,
+            kernel_ns_per_query: agent.kernel_run_ns as f64 / queries,
+        }
+    }
+}
+
+impl fmt::Display for PgbenchResult {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{:.0} tps, latency avg {:.3} ms",
+            self.tps, self.latency_avg_ms
+        )
     }
 }
 
@@ -334,257 +311,7 @@ fn parse_pgbench(out: &str) -> Result<PgbenchResult> {
     Ok(r)
 }
 
-// ---- rounds ----
-
-/// How a round runs.
-#[derive(Clone, Copy)]
-struct Mode {
-    name: &'static str,
-    traced: bool,
-}
-
-const UNTRACED: Mode = Mode {
-    name: "untraced",
-    traced: false,
-};
-const TRACED: Mode = Mode {
-    name: "traced",
-    traced: true,
-};
-
-#[derive(Serialize)]
-struct Round {
-    round: usize,
-    mode: &'static str,
-    #[serde(flatten)]
-    load: PgbenchResult,
-    agent: Option<AgentRound>,
-}
-
-#[derive(Serialize)]
-struct AgentRound {
-    /// CPU used by the agent process while pgbench ran.
-    cpu_s: f64,
-    cpu_s_per_mquery: f64,
-    /// cpu_s over pgbench's wall time, in % of one core.
-    cpu_pct_of_core: f64,
-    /// Wall time of pgbench, over which cpu_s and the kernel counters were taken.
-    load_s: f64,
-    /// Including start-up (BTF, program loading) and the post-load flush.
-    cpu_s_total: f64,
-    peak_rss_mib: f64,
-    /// Spans the agent assembled (zerotel_spans_total).
-    spans: Option<f64>,
-    /// Spans the sink accepted (zerotel_spans_exported_total).
-    spans_exported: Option<f64>,
-    events_lost: Option<f64>,
-    kernel_run_ns: u64,
-    kernel_runs: u64,
-    kernel_ns_per_query: f64,
-    otlp_posts: u64,
-    otlp_bytes: u64,
-    clean_exit: bool,
-    programs: Vec<ProgStat>,
-}
-
-/// What every round shares.
-struct Bench<'a> {
-    port: u16,
-    log_dir: &'a Path,
-    tracer: Option<&'a Tracer<'a>>,
-}
-
-impl Bench<'_> {
-    fn pgbench_args(&self, duration_s: u64) -> Vec<String> {
-        let n = |v: &dyn ToString| v.to_string();
-        let (c, j, t, p) = (n(&CLIENTS), n(&JOBS), n(&duration_s), n(&self.port));
-        let args = ["-n", "-S", "-M", "prepared", "-c", &c, "-j", &j, "-T", &t];
-        let conn = ["-h", "127.0.0.1", "-p", &p, "-U", "postgres", DATABASE];
-        args.iter().chain(&conn).map(|s| s.to_string()).collect()
-    }
-
-    fn launch(&self, duration_s: u64, tag: &str) -> Result<Launch> {
-        let log = self.log_dir.join(format!("pgbench-{tag}.err"));
-        Launch::spawn(&self.pgbench_args(duration_s), log)
-    }
-
-    /// Unreported untraced load before the first round, when asked (page cache, plan cache).
-    fn warm_up(&self, duration_s: u64) -> Result<()> {
-        if duration_s > 0 {
-            self.launch(duration_s, "warmup")?
-                .go()
-                .context("warm-up load failed")?;
-        }
-        Ok(())
-    }
-
-    /// One round in `mode`; None for traced rounds without an agent (--untraced-only).
-    fn round(&self, i: usize, mode: Mode, duration_s: u64) -> Result<Option<Round>> {
-        signals::check()?;
-        let tracer = match (mode.traced, self.tracer) {
-            (true, None) => return Ok(None),
-            (traced, t) => t.filter(|_| traced),
-        };
-        let launch = self.launch(duration_s, &format!("{}-{i}", mode.name))?;
-        let (load, agent) = match tracer {
-            None => (launch.go()?, None),
-            Some(t) => {
-                let (load, agent) =
-                    t.round(launch, &self.log_dir.join(format!("agent-{i}.log")))?;
-                (load, Some(agent))
-            }
-        };
-        let round = Round {
-            round: i,
-            mode: mode.name,
-            load,
-            agent,
-        };
-        eprintln!("bench postgres: {}", round.summary());
-        Ok(Some(round))
-    }
-}
-
-impl Round {
-    fn summary(&self) -> String {
-        let spans = self.agent.as_ref().map_or(String::new(), |g| {
-            format!(
-                ", {} spans, {} lost",
-                num(g.spans, 0),
-                num(g.events_lost, 0)
-            )
-        });
-        format!(
-            "round {} {}: {:.0} tps, latency avg {:.3} ms{spans}",
-            self.round, self.mode, self.load.tps, self.load.latency_avg_ms
-        )
-    }
-}
-
-/// What the traced rounds share: the OTLP sink and kernel BPF stats (on for the whole bench).
-struct Tracer<'a> {
-    exe: &'a Path,
-    extra_args: &'a [String],
-    sink: Sink,
-    _stats: StatsEnabled,
-}
-
-impl<'a> Tracer<'a> {
-    fn new(exe: &'a Path, extra_args: &'a [String]) -> Result<Self> {
-        Ok(Self {
-            exe,
-            extra_args,
-            sink: Sink::start()?,
-            _stats: StatsEnabled::enable()?,
-        })
-    }
-
-    /// Starts an agent on the held pgbench, lets pgbench go, and measures the agent meanwhile.
-    fn round(&self, launch: Launch, log: &Path) -> Result<(PgbenchResult, AgentRound)> {
-        let endpoint = self.sink.endpoint();
-        let mut agent = Agent::start(agent::Spec {
-            exe: self.exe,
-            pids: &[launch.pid()],
-            otlp_endpoint: &endpoint,
-            extra_args: self.extra_args,
-            log: log.into(),
-        })?;
-        // Only this agent's programs count (another zerotel may run same-named ones).
-        let owned = bpf_stats::prog_ids_of(agent.pid()).unwrap_or_else(|e| {
-            eprintln!("bench postgres: warning: counting every zt_ program: {e:#}");
-            Default::default()
-        });
-        let before = Snapshot::take(&agent, &self.sink)?;
-        let started = Instant::now();
-        let load = launch.go()?;
-        let load_s = started.elapsed().as_secs_f64();
-        let after = Snapshot::take(&agent, &self.sink)?;
-        let metrics = settled_metrics(&agent);
-        let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
-        let clean_exit = agent.stop();
-        if !clean_exit {
-            eprintln!(
-                "bench postgres: warning: the agent did not exit cleanly; see {}",
-                log.display()
-            );
-        }
-        let (posts, bytes) = self.sink.totals();
-        let programs = bpf_stats::only(bpf_stats::delta(&before.progs, &after.progs), &owned);
-        let queries = (load.transactions as f64).max(1.0);
-        let kernel_run_ns: u64 = programs.iter().map(|p| p.run_ns).sum();
-        let cpu_s = after.cpu_s - before.cpu_s;
-        let agent = AgentRound {
-            cpu_s,
-            cpu_s_per_mquery: cpu_s / queries * 1e6,
-            cpu_pct_of_core: cpu_s / load_s.max(1e-3) * 100.0,
-            load_s,
-            cpu_s_total,
-            peak_rss_mib,
-            spans: agent::metric_sum(&metrics, "zerotel_spans_total"),
-            spans_exported: agent::metric_sum(&metrics, "zerotel_spans_exported_total"),
-            events_lost: agent::metric_sum(&metrics, "zerotel_events_lost_total"),
-            kernel_run_ns,
-            kernel_runs: programs.iter().map(|p| p.runs).sum(),
-            kernel_ns_per_query: kernel_run_ns as f64 / queries,
-            otlp_posts: posts - before.posts,
-            otlp_bytes: bytes - before.bytes,
-            clean_exit,
-            programs,
-        };
-        Ok((load, agent))
-    }
-}
-
-/// The agent's CPU, its programs' kernel counters and the sink's totals at one instant.
-struct Snapshot {
-    cpu_s: f64,
-    progs: Vec<ProgStat>,
-    posts: u64,
-    bytes: u64,
-}
-
-impl Snapshot {
-    fn take(agent: &Agent, sink: &Sink) -> Result<Self> {
-        let (posts, bytes) = sink.totals();
-        Ok(Self {
-            cpu_s: agent.cpu_seconds()?,
-            progs: bpf_stats::snapshot(bpf_stats::PROG_PREFIX)?,
-            posts,
-            bytes,
-        })
-    }
-}
-
-/// /metrics once the agent has turned the last events into spans and exported them: after its
-/// 1 s flush interval, when two reads 500 ms apart agree on spans made and exported (10 s max).
-fn settled_metrics(agent: &Agent) -> String {
-    let read = || {
-        agent.metrics().unwrap_or_else(|e| {
-            eprintln!("bench postgres: warning: {e:#}");
-            String::new()
-        })
-    };
-    let counts = |m: &str| {
-        ["zerotel_spans_total", "zerotel_spans_exported_total"].map(|n| agent::metric_sum(m, n))
-    };
-    thread::sleep(Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = read();
-    loop {
-        thread::sleep(Duration::from_millis(500));
-        let now = read();
-        if counts(&now) == counts(&last) || Instant::now() > deadline {
-            return now;
-        }
-        last = now;
-    }
-}
-
 // ---- report ----
-
-fn med(rounds: &[Round], mode: &str, f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
-    median(rounds.iter().filter(|r| r.mode == mode).filter_map(f))
-}
 
 fn tps(r: &Round) -> Option<f64> {
     Some(r.load.tps)
@@ -592,23 +319,6 @@ fn tps(r: &Round) -> Option<f64> {
 
 fn latency(r: &Round) -> Option<f64> {
     Some(r.load.latency_avg_ms)
-}
-
-/// Median of `f` over the traced rounds' agents.
-fn med_agent(rounds: &[Round], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    median(rounds.iter().filter_map(|r| r.agent.as_ref().and_then(&f)))
-}
-
-/// The worst traced round, for targets that every round must meet.
-fn max_agent(rounds: &[Round], f: impl Fn(&AgentRound) -> Option<f64>) -> Option<f64> {
-    rounds
-        .iter()
-        .filter_map(|r| r.agent.as_ref().and_then(&f))
-        .reduce(f64::max)
-}
-
-fn ratio(rounds: &[Round], f: impl Fn(&Round) -> Option<f64> + Copy) -> Option<f64> {
-    Some(med(rounds, "traced", f)? / med(rounds, "untraced", f)?)
 }
 
 fn report(ctx: &Ctx, rounds: &[Round], version: &str) -> Report {
@@ -641,13 +351,13 @@ fn report(ctx: &Ctx, rounds: &[Round], version: &str) -> Report {
 fn medians_json(rounds: &[Round]) -> Value {
     let mode_medians = |mode| json!({ "tps": med(rounds, mode, tps), "latency_avg_ms": med(rounds, mode, latency) });
     let agent = json!({
-        "cpu_s_per_mquery": med_agent(rounds, |g| Some(g.cpu_s_per_mquery)),
-        "cpu_pct_of_core": med_agent(rounds, |g| Some(g.cpu_pct_of_core)),
-        "peak_rss_mib": med_agent(rounds, |g| Some(g.peak_rss_mib)),
-        "spans": med_agent(rounds, |g| g.spans),
-        "spans_exported": med_agent(rounds, |g| g.spans_exported),
-        "events_lost": med_agent(rounds, |g| g.events_lost),
-        "kernel_ns_per_query": med_agent(rounds, |g| Some(g.kernel_ns_per_query)),
+        "cpu_s_per_mquery": med_agent(rounds, |g| Some(g.per_load.cpu_s_per_mquery)),
+        "cpu_pct_of_core": med_agent(rounds, |g| Some(g.usage.cpu_pct_of_core)),
+        "peak_rss_mib": med_agent(rounds, |g| Some(g.usage.peak_rss_mib)),
+        "spans": med_agent(rounds, |g| g.usage.spans),
+        "spans_exported": med_agent(rounds, |g| g.usage.spans_exported),
+        "events_lost": med_agent(rounds, |g| g.usage.events_lost),
+        "kernel_ns_per_query": med_agent(rounds, |g| Some(g.per_load.kernel_ns_per_query)),
     });
     json!({ "untraced": mode_medians("untraced"), "traced": mode_medians("traced"), "agent": agent })
 }
@@ -678,15 +388,12 @@ fn table(rounds: &[Round]) -> String {
         );
     }
     for mode in ["untraced", "traced"] {
-        let traced = |f: fn(&AgentRound) -> Option<f64>| {
-            (mode == "traced").then(|| med_agent(rounds, f)).flatten()
-        };
         md += &format!(
             "| **median** | {mode} | {} | {} | {} | {} |\n",
             num(med(rounds, mode, tps), 0),
             num(med(rounds, mode, latency), 3),
             num(med(rounds, mode, |r| Some(r.load.failed as f64)), 0),
-            agent_cells(traced),
+            agent_cells(|f| med(rounds, mode, |r| r.agent.as_ref().and_then(f))),
         );
     }
     md
@@ -695,14 +402,14 @@ fn table(rounds: &[Round]) -> String {
 /// The agent columns of a table row; `value` reads one field (None: n/a).
 fn agent_cells(value: impl Fn(fn(&AgentRound) -> Option<f64>) -> Option<f64>) -> String {
     [
-        num(value(|g| Some(g.cpu_s)), 2),
-        num(value(|g| Some(g.cpu_pct_of_core)), 1),
-        num(value(|g| Some(g.cpu_s_per_mquery)), 2),
-        num(value(|g| Some(g.peak_rss_mib)), 1),
-        num(value(|g| g.spans), 0),
-        num(value(|g| g.spans_exported), 0),
-        num(value(|g| g.events_lost), 0),
-        num(value(|g| Some(g.kernel_ns_per_query)), 0),
+        num(value(|g| Some(g.usage.cpu_s)), 2),
+        num(value(|g| Some(g.usage.cpu_pct_of_core)), 1),
+        num(value(|g| Some(g.per_load.cpu_s_per_mquery)), 2),
+        num(value(|g| Some(g.usage.peak_rss_mib)), 1),
+        num(value(|g| g.usage.spans), 0),
+        num(value(|g| g.usage.spans_exported), 0),
+        num(value(|g| g.usage.events_lost), 0),
+        num(value(|g| Some(g.per_load.kernel_ns_per_query)), 0),
     ]
     .join(" | ")
 }
@@ -717,14 +424,14 @@ fn summary(rounds: &[Round]) -> String {
     if rounds.iter().any(|r| r.agent.is_some()) {
         s += &format!(
             "agent (medians): {} CPU s per million queries ({} % of one core), peak RSS {} MiB, {} spans ({} exported) for {} queries, {} events lost, kernel {} ns/query\n",
-            num(med_agent(rounds, |g| Some(g.cpu_s_per_mquery)), 2),
-            num(med_agent(rounds, |g| Some(g.cpu_pct_of_core)), 1),
-            num(med_agent(rounds, |g| Some(g.peak_rss_mib)), 1),
-            num(med_agent(rounds, |g| g.spans), 0),
-            num(med_agent(rounds, |g| g.spans_exported), 0),
+            num(med_agent(rounds, |g| Some(g.per_load.cpu_s_per_mquery)), 2),
+            num(med_agent(rounds, |g| Some(g.usage.cpu_pct_of_core)), 1),
+            num(med_agent(rounds, |g| Some(g.usage.peak_rss_mib)), 1),
+            num(med_agent(rounds, |g| g.usage.spans), 0),
+            num(med_agent(rounds, |g| g.usage.spans_exported), 0),
             num(med(rounds, "traced", |r| Some(r.load.transactions as f64)), 0),
-            num(med_agent(rounds, |g| g.events_lost), 0),
-            num(med_agent(rounds, |g| Some(g.kernel_ns_per_query)), 0),
+            num(med_agent(rounds, |g| g.usage.events_lost), 0),
+            num(med_agent(rounds, |g| Some(g.per_load.kernel_ns_per_query)), 0),
         );
     } else {
         s += "agent: not run (--untraced-only)\n";
@@ -736,11 +443,22 @@ fn summary(rounds: &[Round]) -> String {
 
 fn targets(rounds: &[Round]) -> Vec<Target> {
     vec![
-        Target::new("TPS traced/untraced (median)", ratio(rounds, tps), Cmp::AtLeast, TARGET_TPS_RATIO, 3),
-        Target::new("lost events (worst round)", max_agent(rounds, |g| g.events_lost), Cmp::Equals, 0.0, 0),
+        Target::new(
+            "TPS traced/untraced (median)",
+            ratio(rounds, tps),
+            Cmp::AtLeast,
+            TARGET_TPS_RATIO,
+            3,
+        ),
+        Target::new(
+            "lost events (worst round)",
+            max_agent(rounds, |g| g.usage.events_lost),
+            Cmp::Equals,
+            0.0,
+            0,
+        ),
     ]
 }
-
 
 #[cfg(test)]
 mod tests {

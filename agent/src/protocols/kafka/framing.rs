@@ -9,7 +9,7 @@
 use super::Piece;
 
 /// Frames up to this size are buffered when they span pieces; larger ones are skipped by size.
-pub const MAX_BUFFERED_FRAME: u32 = 16 << 20;
+pub const MAX_BUFFERED_FRAME: u32 = 8 << 20;
 /// A size above this (or negative) cannot be Kafka: the framing is lost.
 const MAX_FRAME_SIZE: u32 = 1 << 30;
 /// Resynchronising trusts a size only up to this.

@@ -12,7 +12,7 @@
 //! cut by a missing tail shows as such when the direction's next piece arrives. Lost size fields
 //! lose the framing until a syscall starts with a plausible frame. Work and memory are bounded per
 //! connection and per message whatever the bytes (see the `MAX_*` constants of the submodules):
-//! frames up to 16 MiB buffered per direction, 1024 requests awaiting answers, 4096 partitions and
+//! frames up to 8 MiB buffered per direction, 1024 requests awaiting answers, 4096 partitions and
 //! 4096 traced records per message, 64 per batch, 32 MiB inflated per message, 8 MiB per batch.
 //!
 //! The caller pushes a request before the response to it, as the broker reads it before answering.
