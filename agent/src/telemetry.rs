@@ -51,6 +51,9 @@ pub struct Telemetry {
     pub kafka_truncated_frames: Counter,
     /// Assemble: times a Kafka connection lost its framing (lost events).
     pub kafka_desyncs: Counter,
+    /// Assemble: HTTP/2 connections whose header blocks could not all be decoded (nothing more
+    /// is reported from them: HPACK state is never guessed).
+    pub http2_desyncs: Counter,
     /// Assemble: spans not exported because their trace is not sampled.
     pub spans_unsampled: Counter,
     /// Assemble: exchanges whose bytes were lost or could not be framed (no span made).
@@ -131,6 +134,11 @@ impl Telemetry {
         );
         counter("zerotel_http_desyncs_total", "Times an HTTP/1 connection lost sync.", &[("", self.http_desyncs.get())]);
         counter("zerotel_kafka_desyncs_total", "Times a Kafka connection lost its framing.", &[("", self.kafka_desyncs.get())]);
+        counter(
+            "zerotel_http2_desyncs_total",
+            "HTTP/2 connections given up: a header block was lost or did not decode.",
+            &[("", self.http2_desyncs.get())],
+        );
         counter(
             "zerotel_kafka_truncated_frames_total",
             "Kafka frames skipped: larger than the kernel captures per syscall.",

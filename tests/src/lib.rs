@@ -1,6 +1,7 @@
 //! Fixtures for zerotel's end-to-end tests: an in-process OTLP receiver, a
 //! wrapper around the agent binary, real servers (Python, nginx, node, PostgreSQL, a
-//! Kafka mock cluster) and clients (curl, Python, kcat) to trace.
+//! Kafka mock cluster, gRPC on Python and Go, nghttpd) and clients (curl, Python, kcat,
+//! gRPC, nghttp, h2load) to trace.
 //!
 //! The tests need root, BTF (/sys/kernel/btf/vmlinux) and the agent binary
 //! (`$ZEROTEL_BIN`, else `<workspace>/target/debug/zerotel`). Run them with
@@ -8,6 +9,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod grpc;
 pub mod kafka;
 pub mod kube_api;
 pub mod otlp;
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 pub use agent::{pid_args, propagating_pid_args, Agent};
 pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
+pub use grpc::{GrpcCall, GrpcChain, GrpcServer, Nghttpd};
 pub use kafka::{Consume, KafkaHttpService, Library, MockKafka, Produce};
 pub use kube_api::FakeKubeApi;
 pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedLink, ReceivedSpan, SpanKind, Value};

@@ -25,6 +25,8 @@ const PEER_CMDS: &[&str] = &[
     "wrk",
     "curl",
     "h2load",
+    "nghttp",
+    "nghttpd",
     "hyperfine",
     "go",
     "pg_ctlcluster",
@@ -34,16 +36,25 @@ const PEER_PKGS: &[&str] = &[
     "nginx",
     "wrk",
     "nghttp2-client",
+    // nghttpd: a plain HTTP/2 (h2c) server for the HTTP/2 spans.
+    "nghttp2-server",
     "curl",
     "openssl",
     "hyperfine",
     // Go net/http is one of the three runtimes of the propagation end-to-end test.
     "golang-go",
+    // grpc-go 1.33 sources for GOPATH builds (the gRPC tests' Go server and client).
+    "golang-google-grpc-dev",
     // A real PostgreSQL server: wire traffic must pass propagation untouched.
     "postgresql",
     // A Kafka client on the system librdkafka, older than confluent-kafka's (other API versions).
     "kcat",
 ];
+/// Packages that install no command, checked by a path they install.
+const PEER_PATHS: &[(&str, &str)] = &[(
+    "/usr/share/gocode/src/google.golang.org/grpc",
+    "golang-google-grpc-dev",
+)];
 /// Preinstalled on the platform; we only check them.
 const PREINSTALLED: &[(&str, &str)] = &[
     ("python3", "install Python 3 (apt-get install python3)"),
@@ -278,11 +289,12 @@ fn ensure_peers() -> Result<()> {
         }
     }
     ensure_pip_peers()?;
-    let missing: Vec<&str> = PEER_CMDS
+    let mut missing: Vec<&str> = PEER_CMDS
         .iter()
         .copied()
         .filter(|c| find_cmd(c).is_none())
         .collect();
+    missing.extend(missing_peer_paths());
     if missing.is_empty() {
         return Ok(());
     }
@@ -293,17 +305,27 @@ fn ensure_peers() -> Result<()> {
     );
     apt_install().context(
         "installing the test peers with apt-get failed: check network access to the Debian mirrors, \
-         or install them by hand: apt-get install nginx wrk nghttp2-client curl openssl hyperfine",
+         or install them by hand: apt-get install nginx wrk nghttp2-client nghttp2-server curl openssl hyperfine \
+         golang-go golang-google-grpc-dev postgresql kcat",
     )?;
-    let still: Vec<&str> = PEER_CMDS
+    let mut still: Vec<&str> = PEER_CMDS
         .iter()
         .copied()
         .filter(|c| find_cmd(c).is_none())
         .collect();
+    still.extend(missing_peer_paths());
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(", "));
     }
     Ok(())
+}
+
+/// The packages of [`PEER_PATHS`] whose path is missing.
+fn missing_peer_paths() -> impl Iterator<Item = &'static str> {
+    PEER_PATHS
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, package)| *package)
 }
 
 /// Commands installed from PyPI, checked by presence on PATH: kubernetes-validate validates the
@@ -313,11 +335,13 @@ const PIP_PEERS: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validat
 /// PostgreSQL client of the tests (plain, not `[binary]`: it loads the system libpq5 that comes
 /// with postgresql). There is no Kafka broker package: confluent-kafka's bundled librdkafka holds
 /// a mock cluster, a real Kafka-protocol broker, and is also a client; kafka-python is the pure
-/// Python client, in 2.x (3.x cannot talk to the mock broker).
+/// Python client, in 2.x (3.x cannot talk to the mock broker). grpcio is the Python gRPC server
+/// and client of the gRPC tests (raw-bytes handlers: no grpcio-tools or protoc needed).
 const PIP_MODULES: &[(&str, &str)] = &[
     ("psycopg", "psycopg==3.3.9"),
     ("confluent_kafka", "confluent-kafka==2.16.1"),
     ("kafka", "kafka-python==2.3.3"),
+    ("grpc", "grpcio==1.85.1"),
 ];
 
 fn ensure_pip_peers() -> Result<()> {

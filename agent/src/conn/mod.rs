@@ -9,6 +9,7 @@ use zerotel_abi::{direction, role, DataMeta, Endpoint};
 
 use crate::protocols::{
     http1::{Http1Connection, Segment, Side},
+    http2::H2Connection,
     kafka::KafkaConnection,
     postgres::PgConnection,
 };
@@ -30,6 +31,8 @@ pub struct Connection {
     pub postgres: Option<Box<PgConnection>>,
     /// The Kafka decoder, made on the connection's first captured Kafka bytes.
     pub kafka: Option<Box<KafkaConnection>>,
+    /// The HTTP/2 decoder, made on the connection's first captured HTTP/2 bytes.
+    pub h2: Option<Box<H2Connection>>,
     /// The kernel's ids for the request whose first byte came at this time: a head read in
     /// several pieces completes (and is reported) on a later segment than the one carrying them.
     pub kernel_ids: Option<(u64, zerotel_abi::SpanIds)>,
@@ -50,6 +53,7 @@ impl Connection {
             http: Http1Connection::new(),
             postgres: None,
             kafka: None,
+            h2: None,
             kernel_ids: None,
             next_seq: [None; 2],
         }

@@ -1,6 +1,7 @@
 //! Protocol parsers: pure (bytes in, messages out), never panic, tests beside each.
 
 pub mod http1;
+pub mod http2;
 pub mod kafka;
 pub mod postgres;
 pub mod sql;

@@ -13,6 +13,8 @@ pub struct Exchange<'a> {
     pub kind: SpanKind,
     pub request: &'a RequestHead,
     pub response: Option<&'a ResponseHead>,
+    /// `network.protocol.version`: "1.0", "1.1" or "2".
+    pub version: &'static str,
     /// Our end and the peer's end of the connection.
     pub local: Endpoint<'a>,
     pub remote: Endpoint<'a>,
@@ -42,7 +44,7 @@ pub fn describe(x: &Exchange<'_>) -> HttpSpan {
         ("http.request.method".into(), method.to_owned().into()),
         ("url.path".into(), path.to_owned().into()),
         ("url.scheme".into(), "http".into()),
-        ("network.protocol.version".into(), if x.request.version_minor == 0 { "1.0" } else { "1.1" }.into()),
+        ("network.protocol.version".into(), x.version.into()),
         ("network.peer.address".into(), x.remote.ip.to_owned().into()),
         ("network.peer.port".into(), AttrValue::Int(x.remote.addr.port().into())),
     ];
@@ -80,6 +82,11 @@ fn status_of(x: &Exchange<'_>, attributes: &mut Attributes) -> SpanStatus {
     } else {
         SpanStatus::Unset
     }
+}
+
+/// `network.protocol.version` of an HTTP/1 request.
+pub fn http1_version(request: &RequestHead) -> &'static str {
+    if request.version_minor == 0 { "1.0" } else { "1.1" }
 }
 
 /// Methods outside the spec's list are reported as `_OTHER` (cardinality guard).
@@ -121,7 +128,7 @@ fn is_uuid(s: &str) -> bool {
 }
 
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `::1`.
-fn host_only(host: &str) -> &str {
+pub fn host_only(host: &str) -> &str {
     let host = host.trim();
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
@@ -151,6 +158,7 @@ mod tests {
             kind,
             request,
             response,
+            version: http1_version(request),
             local: Endpoint { addr: local, ip: &local_ip },
             remote: Endpoint { addr: remote, ip: &remote_ip },
         })

@@ -5,3 +5,4 @@ pub mod db;
 pub mod http;
 pub mod messaging;
 pub mod model;
+pub mod rpc;

@@ -17,6 +17,9 @@ pub mod protocol {
     pub const POSTGRES: u8 = 2;
     /// Kafka, client side: its whole byte stream (up to a cap per syscall) goes to the agent.
     pub const KAFKA: u8 = 3;
+    /// HTTP/2 with prior knowledge (h2c, gRPC), either role: its whole byte stream goes to the
+    /// agent, whose HPACK decoders need every header block.
+    pub const HTTP2: u8 = 4;
     /// Something zerotel does not parse: its bytes stay in the kernel.
     pub const OTHER: u8 = 255;
 }

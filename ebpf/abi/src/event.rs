@@ -48,7 +48,8 @@ pub struct StreamChunkHead {
     pub syscall_end: u64,
     /// [`crate::direction`].
     pub direction: u8,
-    pub _pad: u8,
+    /// [`crate::protocol`] of the connection.
+    pub protocol: u8,
     /// Bytes that follow the head.
     pub captured: u16,
     pub _pad2: u32,

@@ -27,3 +27,18 @@ pub fn is_http_response_start(prefix: &[u8; 8]) -> bool {
 pub fn is_http_start(prefix: &[u8; 8]) -> bool {
     is_http_request_start(prefix) || is_http_response_start(prefix)
 }
+
+/// The first 8 bytes of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+#[inline(always)]
+pub fn is_http2_preface(prefix: &[u8; 8]) -> bool {
+    *prefix == *b"PRI * HT"
+}
+
+/// A server's first write may be its own preface, an empty or short SETTINGS frame on stream 0,
+/// sent before it reads the client's (Go's HTTP/2 server and grpc-go do this).
+#[inline(always)]
+pub fn is_http2_server_preface(prefix: &[u8; 8]) -> bool {
+    let len = u32::from_be_bytes([0, prefix[0], prefix[1], prefix[2]]);
+    const SETTINGS: u8 = 0x4;
+    prefix[3] == SETTINGS && prefix[4] == 0 && prefix[5..8] == [0, 0, 0] && len % 6 == 0 && len <= 6 * 16
+}

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{bpf_loop, bpf_probe_read_user},
 };
-use zerotel_abi::{buffer, counters, kind, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
+use zerotel_abi::{buffer, counters, kind, ConnState, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
 
 use crate::maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK};
 
@@ -47,7 +47,7 @@ pub struct Walk {
 /// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`); the last
 /// record goes with `wakeup` flags, the others never wake the agent.
 #[inline(always)]
-pub fn capture(call: &InFlight, conn_id: u64, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
+pub fn capture(call: &InFlight, conn: &ConnState, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
     let Some(walk) = STREAM_WALK.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU value no one else uses while this program runs.
     let walk = unsafe { &mut *walk };
@@ -67,12 +67,12 @@ pub fn capture(call: &InFlight, conn_id: u64, len: u64, offset: u64, header: Eve
     *walk = Walk {
         head: StreamChunkHead {
             header,
-            conn_id,
+            conn_id: conn.conn_id,
             start_ns: call.start_ns,
             offset,
             syscall_end: offset + len,
             direction: call.direction,
-            _pad: 0,
+            protocol: conn.protocol,
             captured: 0,
             _pad2: 0,
         },

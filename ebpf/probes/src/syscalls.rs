@@ -13,7 +13,7 @@ use zerotel_abi::{
 };
 
 use crate::{
-    classify::{is_http_request_start, is_http_response_start, is_http_start},
+    classify::{is_http2_preface, is_http2_server_preface, is_http_request_start, is_http_response_start, is_http_start},
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
     kafka, postgres, stream,
@@ -150,8 +150,8 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         postgres::walk(conn, call.direction, data, len, header(kind::PG_MESSAGE, pid_tgid), call.start_ns);
         return Ok(());
     }
-    if conn.protocol == protocol::KAFKA {
-        stream::capture(&call, conn.conn_id, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+    if conn.protocol == protocol::KAFKA || conn.protocol == protocol::HTTP2 {
+        stream::capture(&call, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
         return Ok(());
     }
     if conn.protocol != protocol::HTTP1 {
@@ -191,6 +191,12 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
 fn classify(conn: &mut ConnState, prefix: &[u8; 8], dir: u8) -> u8 {
     if is_http_start(prefix) {
         protocol::HTTP1
+    } else if conn.conn_id & SEEDED_CONN_ID_BIT == 0
+        && (is_http2_preface(prefix)
+            || (conn.role == role::SERVER && dir == direction::EGRESS && is_http2_server_preface(prefix)))
+    {
+        // Only from the prefaces on: HPACK state cannot be picked up mid-connection.
+        protocol::HTTP2
     } else if conn.role != role::CLIENT {
         // A traced PostgreSQL server: its clients' spans are what users want; nothing to report.
         protocol::OTHER

@@ -2,6 +2,7 @@
 //! parent/child links. Owns discovery, so process state and connection state change together.
 //! Kafka exchanges become messaging spans in `kafka`.
 
+mod http2;
 mod kafka;
 
 use std::{sync::Arc, time::Duration};
@@ -10,7 +11,7 @@ use rustc_hash::FxHashMap;
 
 use tokio::{sync::mpsc, time};
 use zerotel_abi::{
-    direction, ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, Sampler, SpanIds,
+    direction, protocol, ConnCloseEvent, ConnOpenEvent, DataMeta, PgMessageHead, ProcessEvent, Sampler, SpanIds,
 };
 
 use crate::{
@@ -26,7 +27,7 @@ use crate::{
     },
     spans::{
         db::{self, DbSpan, QueryText, SummaryCache},
-        http::{describe, Endpoint, Exchange},
+        http::{describe, http1_version, Endpoint, Exchange},
         messaging::{ConsumerGroups, ProducedIndex, TopicNames},
         model::{Span, SpanId, SpanKind, SpanLink, TraceId},
     },
@@ -196,6 +197,8 @@ pub struct Assembler {
     mono_to_unix_ns: i128,
     outputs: Vec<Output>,
     kafka_exchanges: Vec<crate::protocols::kafka::Exchange>,
+    h2_events: Vec<crate::protocols::http2::H2Event>,
+    h2_streams: FxHashMap<(u64, u32), http2::OpenStream>,
     spans: Vec<Span>,
 }
 
@@ -216,6 +219,8 @@ impl Assembler {
             mono_to_unix_ns: mono_to_unix_offset(),
             outputs: Vec::new(),
             kafka_exchanges: Vec::new(),
+            h2_events: Vec::new(),
+            h2_streams: FxHashMap::default(),
             spans: Vec::new(),
         }
     }
@@ -234,6 +239,7 @@ impl Assembler {
             CapturedEvent::ProcessExec(e) => self.on_exec(&e),
             CapturedEvent::ProcessExit(e) => self.on_exit(&e),
             CapturedEvent::PgMessage { head, body } => self.on_pg_message(&head, &body),
+            CapturedEvent::StreamChunk { head, data } if head.protocol == protocol::HTTP2 => self.on_h2_chunk(&head, &data),
             CapturedEvent::StreamChunk { head, data } => self.on_stream_chunk(&head, &data),
         }
     }
@@ -372,12 +378,16 @@ impl Assembler {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         conn.http.close(ts_ns, &mut self.outputs);
         self.flush_outputs(conn_id, 0);
+        self.close_h2(conn_id, ts_ns);
         self.forget(conn_id);
     }
 
     fn forget(&mut self, conn_id: u64) {
         if let Some(conn) = self.conns.remove(conn_id) {
             self.telemetry.http_desyncs.add(conn.http.desync_count());
+            if conn.h2.is_some() {
+                self.forget_h2_streams(conn_id);
+            }
         }
     }
 
@@ -471,6 +481,7 @@ impl Assembler {
             kind,
             request: &exchange.request,
             response,
+            version: http1_version(&exchange.request),
             local: Endpoint { addr: conn.local, ip: &conn.local_ip },
             remote: Endpoint { addr: conn.remote, ip: &conn.remote_ip },
         });

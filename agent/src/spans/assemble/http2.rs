@@ -1,0 +1,117 @@
+//! HTTP/2: stream chunks -> streams -> one SERVER or CLIENT span per stream (gRPC calls by the
+//! RPC conventions). A SERVER stream continues the trace its headers carry and is what the
+//! process serves meanwhile; a CLIENT stream is the child of what its process serves.
+
+use zerotel_abi::{direction, StreamChunkHead};
+
+use super::{Assembler, Described, Lineage, Serving, MAX_OPEN_EXCHANGES};
+use crate::{
+    context,
+    protocols::http2::{H2Connection, H2Event, H2Stream, Headers, Piece, Role},
+    spans::{
+        http::Endpoint,
+        model::{SpanId, SpanKind},
+        rpc,
+    },
+};
+
+/// A stream from its request's header block until it ends.
+pub(super) struct OpenStream {
+    lineage: Lineage,
+    span_id: SpanId,
+    /// The thread that read (server) or sent (client) the request.
+    tid: u32,
+}
+
+impl Assembler {
+    pub(super) fn on_h2_chunk(&mut self, head: &StreamChunkHead, data: &[u8]) {
+        let Some(conn) = self.conns.get_mut(head.conn_id) else { return };
+        let role = if conn.is_server { Role::Server } else { Role::Client };
+        let piece = Piece {
+            outgoing: head.direction == direction::EGRESS,
+            offset: head.offset,
+            bytes: data,
+            syscall_end: head.syscall_end,
+            start_ns: head.start_ns,
+            end_ns: head.header.ts_ns,
+        };
+        let h2 = conn.h2.get_or_insert_with(|| Box::new(H2Connection::new(role)));
+        let (desyncs, dropped) = (h2.desyncs(), h2.dropped_streams());
+        h2.push(&piece, &mut self.h2_events);
+        if h2.desyncs() > desyncs {
+            self.telemetry.http2_desyncs.inc();
+            log::debug!("HTTP/2 connection {} given up: {}", head.conn_id, h2.desync_reason().map(ToString::to_string).unwrap_or_default());
+        }
+        self.telemetry.exchanges_desynchronised.add(h2.dropped_streams() - dropped);
+        self.flush_h2_events(head.conn_id, head.header.tid);
+    }
+
+    /// The connection closed: its open streams end now.
+    pub(super) fn close_h2(&mut self, conn_id: u64, ts_ns: u64) {
+        let Some(h2) = self.conns.get_mut(conn_id).and_then(|c| c.h2.as_mut()) else { return };
+        h2.close(ts_ns, &mut self.h2_events);
+        self.flush_h2_events(conn_id, 0);
+    }
+
+    fn flush_h2_events(&mut self, conn_id: u64, tid: u32) {
+        for event in std::mem::take(&mut self.h2_events) {
+            match event {
+                H2Event::RequestStarted { stream_id, request, start_ns: _ } => self.start_stream(conn_id, stream_id, &request, tid),
+                H2Event::StreamEnded(stream) => self.end_stream(conn_id, &stream),
+            }
+        }
+    }
+
+    fn start_stream(&mut self, conn_id: u64, stream_id: u32, request: &Headers, tid: u32) {
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        let (pid, is_server) = (conn.pid, conn.is_server);
+        if self.h2_streams.len() >= MAX_OPEN_EXCHANGES {
+            self.telemetry.exchanges_desynchronised.inc();
+            return;
+        }
+        let span_id = context::new_span_id();
+        let lineage = if is_server {
+            Lineage::from_remote(rpc::remote_parent(request), &self.sampler)
+        } else {
+            Lineage::from_serving(self.serving.of_thread(tid).or_else(|| self.serving.only_one_of(pid)), &self.sampler)
+        };
+        if is_server {
+            let serving = Serving {
+                pid,
+                conn_id,
+                exchange: h2_exchange_id(stream_id),
+                trace_id: lineage.trace_id,
+                span_id,
+                flags: lineage.flags,
+            };
+            self.serving.start(tid, serving);
+        }
+        self.h2_streams.insert((conn_id, stream_id), OpenStream { lineage, span_id, tid });
+    }
+
+    fn end_stream(&mut self, conn_id: u64, stream: &H2Stream) {
+        let Some(open) = self.h2_streams.remove(&(conn_id, stream.stream_id)) else { return };
+        self.serving.end(open.tid, conn_id, h2_exchange_id(stream.stream_id));
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        let kind = if conn.is_server { SpanKind::Server } else { SpanKind::Client };
+        let pid = conn.pid;
+        let span = rpc::describe(
+            kind,
+            stream,
+            Endpoint { addr: conn.local, ip: &conn.local_ip },
+            Endpoint { addr: conn.remote, ip: &conn.remote_ip },
+        );
+        let described = Described { kind, name: span.name, attributes: span.attributes, status: span.status, links: Vec::new() };
+        self.push_span(pid, open.lineage, open.span_id, (stream.start_ns, stream.end_ns), described);
+    }
+
+    /// Streams of a connection that went away without ending them.
+    pub(super) fn forget_h2_streams(&mut self, conn_id: u64) {
+        self.h2_streams.retain(|(c, _), _| *c != conn_id);
+    }
+}
+
+/// HTTP/2 stream ids as `Serving::exchange` values, apart from HTTP/1 exchange numbers.
+fn h2_exchange_id(stream_id: u32) -> u64 {
+    (1 << 63) | u64::from(stream_id)
+}
