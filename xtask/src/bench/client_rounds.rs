@@ -1,10 +1,13 @@
-//! Rounds of a bench whose load is one client process per round (pgbench, kcat), alternating
-//! untraced and traced.
+//! Rounds of a bench, alternating untraced and traced, where the agent traces either
+//! - the load itself: one client process per round (pgbench, kcat), see [`Client`]; or
+//! - a long-lived server under an untraced load generator (nghttpd under h2load), see
+//!   [`ServerLoad`].
 //!
 //! The agent must see the client from its first byte, so every round starts the client through
 //! a launcher shell that blocks on stdin: traced rounds point the agent at the shell's pid, wait
 //! for /healthz, then let the shell exec the client, which keeps the pid. Untraced rounds take
-//! the same path without an agent, so both modes pay the same start-up.
+//! the same path without an agent, so both modes pay the same start-up. A server is traced from
+//! before the load generator's first connection: the agent is healthy before the load starts.
 
 use std::{
     collections::BTreeSet,
@@ -50,6 +53,21 @@ pub trait Client {
     fn args(&self) -> Vec<String>;
     /// The figures of a run that exited successfully.
     fn load(exit: Exit) -> Result<Self::Load>;
+    fn per_load(load: &Self::Load, agent: &AgentUse) -> Self::PerLoad;
+}
+
+/// What a scenario says about a load generator run against a long-lived server: traced rounds
+/// trace the server, never the load generator.
+pub trait ServerLoad {
+    /// The load's figures for one run (h2load's req/s, ...), also its part of a round's
+    /// progress line.
+    type Load: Serialize + Display;
+    /// The agent's figures relative to the load.
+    type PerLoad: Serialize;
+
+    /// Runs the load to its end: its figures, and the wall time over which the agent is
+    /// measured (the load generator's whole run).
+    fn run(&self) -> Result<(Self::Load, f64)>;
     fn per_load(load: &Self::Load, agent: &AgentUse) -> Self::PerLoad;
 }
 
@@ -167,7 +185,7 @@ pub struct Round<L, X> {
     pub agent: Option<AgentRound<X>>,
 }
 
-/// The agent's figures of one traced round: those of every client, then the scenario's own.
+/// The agent's figures of one traced round: those of every bench, then the scenario's own.
 #[derive(Serialize)]
 pub struct AgentRound<X> {
     #[serde(flatten)]
@@ -176,14 +194,14 @@ pub struct AgentRound<X> {
     pub per_load: X,
 }
 
-/// What the agent used and made while one client ran.
+/// What the agent used and made while one load ran.
 #[derive(Serialize)]
 pub struct AgentUse {
-    /// CPU used by the agent process while the client ran.
+    /// CPU used by the agent process while the load ran.
     pub cpu_s: f64,
-    /// cpu_s over the client's wall time, in % of one core.
+    /// cpu_s over the load's wall time, in % of one core.
     pub cpu_pct_of_core: f64,
-    /// The client's wall time, over which cpu_s and the kernel counters were taken; a
+    /// The load's wall time, over which cpu_s and the kernel counters were taken; a
     /// scenario reports it with its load or its per-load figures.
     #[serde(skip)]
     pub load_s: f64,
@@ -264,21 +282,67 @@ impl<'a> Bench<'a> {
         let (load, agent) = match tracer {
             None => (C::load(launch.go()?)?, None),
             Some(t) => {
-                let (exit, usage) =
-                    t.round(launch, &self.log_dir.join(format!("agent-{i}.log")))?;
+                let pid = launch.pid();
+                let (exit, usage) = t.measure(&[pid], &self.agent_log(i), || {
+                    let exit = launch.go()?;
+                    let seconds = exit.seconds;
+                    Ok((exit, seconds))
+                })?;
                 let load = C::load(exit)?;
                 let per_load = C::per_load(&load, &usage);
                 (load, Some(AgentRound { usage, per_load }))
             }
         };
-        let round = Round {
+        Ok(self.done(Round {
             round: i,
             mode,
             load,
             agent,
-        };
+        }))
+    }
+
+    /// `count` rounds per mode of `load` against the server of `server_pids` (already
+    /// running), untraced and traced alternating; no traced ones without an agent.
+    pub fn server_rounds<S: ServerLoad>(
+        &self,
+        server_pids: &[u32],
+        load: &S,
+        count: usize,
+    ) -> Result<Vec<Round<S::Load, S::PerLoad>>> {
+        let mut rounds = Vec::new();
+        for i in 1..=count {
+            signals::check()?;
+            let (untraced, _) = load.run()?;
+            rounds.push(self.done(Round {
+                round: i,
+                mode: "untraced",
+                load: untraced,
+                agent: None,
+            }));
+            if let Some(tracer) = &self.tracer {
+                signals::check()?;
+                let (traced, usage) =
+                    tracer.measure(server_pids, &self.agent_log(i), || load.run())?;
+                let per_load = S::per_load(&traced, &usage);
+                rounds.push(self.done(Round {
+                    round: i,
+                    mode: "traced",
+                    load: traced,
+                    agent: Some(AgentRound { usage, per_load }),
+                }));
+            }
+        }
+        Ok(rounds)
+    }
+
+    fn agent_log(&self, round: usize) -> PathBuf {
+        self.log_dir.join(format!("agent-{round}.log"))
+    }
+
+    /// Prints a finished round's progress line.
+    fn done<L: Display, X>(&self, round: Round<L, X>) -> Round<L, X> {
         eprintln!("bench {}: {}", self.name, round.summary());
-        Ok(round)
+        round
     }
 
     fn launch<C: Client>(&self, client: &C, tag: &str) -> Result<Launch> {
@@ -321,12 +385,19 @@ impl<'a> Tracer<'a> {
         })
     }
 
-    /// Starts an agent on the held client, lets the client go, and measures the agent meanwhile.
-    fn round(&self, launch: Launch, log: &Path) -> Result<(Exit, AgentUse)> {
-        let mut agent = self.start_agent(launch.pid(), log)?;
+    /// Starts an agent tracing `pids`, runs `load` once it is healthy, and measures the agent
+    /// meanwhile. `load` returns its result and its wall time (the denominator of the agent's
+    /// share of a core).
+    fn measure<T>(
+        &self,
+        pids: &[u32],
+        log: &Path,
+        load: impl FnOnce() -> Result<(T, f64)>,
+    ) -> Result<(T, AgentUse)> {
+        let mut agent = self.start_agent(pids, log)?;
         let owned = self.programs_of(&agent);
         let before = Snapshot::take(&agent, &self.sink)?;
-        let exit = launch.go()?;
+        let (result, load_s) = load()?;
         let after = Snapshot::take(&agent, &self.sink)?;
         let metrics = self.settled_metrics(&agent);
         let (peak_rss_mib, cpu_s_total) = (agent.peak_rss_mib()?, agent.cpu_seconds()?);
@@ -336,8 +407,8 @@ impl<'a> Tracer<'a> {
         let cpu_s = after.cpu_s - before.cpu_s;
         let usage = AgentUse {
             cpu_s,
-            cpu_pct_of_core: cpu_s / exit.seconds.max(1e-3) * 100.0,
-            load_s: exit.seconds,
+            cpu_pct_of_core: cpu_s / load_s.max(1e-3) * 100.0,
+            load_s,
             cpu_s_total,
             peak_rss_mib,
             spans: agent::metric_sum(&metrics, "zerotel_spans_total"),
@@ -350,13 +421,13 @@ impl<'a> Tracer<'a> {
             clean_exit,
             programs,
         };
-        Ok((exit, usage))
+        Ok((result, usage))
     }
 
-    fn start_agent(&self, pid: u32, log: &Path) -> Result<Agent> {
+    fn start_agent(&self, pids: &[u32], log: &Path) -> Result<Agent> {
         Agent::start(agent::Spec {
             exe: self.exe,
-            pids: &[pid],
+            pids,
             otlp_endpoint: &self.sink.endpoint(),
             extra_args: self.extra_args,
             log: log.into(),

@@ -4,6 +4,7 @@
 mod agent;
 mod bpf_stats;
 mod client_rounds;
+mod grpc;
 mod http;
 mod http1;
 mod kafka;
@@ -28,7 +29,7 @@ use crate::{cargo_cmd, setup, signals, util};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none given). Available: http, postgres, kafka.
+    /// Scenarios to run (all when none given). Available: http, postgres, kafka, grpc.
     pub names: Vec<String>,
     /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
     /// fixed rate).
@@ -97,6 +98,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(http::Http),
         Box::new(postgres::Postgres),
         Box::new(kafka::Kafka),
+        Box::new(grpc::Grpc),
     ]
 }
 

@@ -2,14 +2,17 @@
 
 use std::{
     fs,
+    io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Child,
+    process::{Child, Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{signals, util::display};
 
 /// A child that is terminated (SIGTERM, then SIGKILL after a grace period) when dropped,
 /// so an error anywhere in a bench does not leave servers running.
@@ -81,6 +84,37 @@ impl Drop for Guard {
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid we started; a stale pid at worst gets ESRCH.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// Runs a load generator (wrk, h2load) to its end and returns its exit status and stdout
+/// (stderr is left as set). Polls, so SIGTERM to xtask stops it too instead of waiting out
+/// its duration.
+pub fn run_polled(cmd: &mut Command) -> Result<(ExitStatus, String)> {
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    let mut stdout = child.stdout.take().context("stdout not captured")?;
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if signals::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            signals::check()?;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader
+        .join()
+        .map_err(|_| anyhow!("output reader of `{}` panicked", display(cmd)))?
+        .with_context(|| format!("reading the output of `{}`", display(cmd)))?;
+    Ok((status, out))
 }
 
 /// The last `n` lines of a log file, for error messages.

@@ -1,17 +1,12 @@
 //! Running wrk and reading its report.
 
-use std::{
-    io::Read as _,
-    path::Path,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
-use crate::{signals, util::display};
+use super::proc;
+use crate::util::display;
 
 pub struct Load<'a> {
     pub threads: u32,
@@ -44,32 +39,8 @@ pub fn run(wrk: &Path, load: &Load) -> Result<WrkResult> {
         &format!("{}s", load.duration_s),
         "--latency",
         load.url,
-    ])
-    .stdout(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
-    let mut stdout = child.stdout.take().context("wrk stdout not captured")?;
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
-    // Poll so SIGTERM to xtask stops wrk too instead of waiting out the duration.
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if signals::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            signals::check()?;
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("wrk output reader panicked"))?
-        .context("reading wrk's output")?;
+    ]);
+    let (status, out) = proc::run_polled(&mut cmd)?;
     if !status.success() {
         bail!("`{}` failed ({status}):\n{out}", display(&cmd));
     }
