@@ -46,6 +46,7 @@ fn wait_for_ready_port(script: &ScriptProcess) -> u16 {
 }
 
 const PY_SERVER: &str = r#"
+import concurrent.futures
 import hashlib
 import json
 import sys
@@ -76,24 +77,18 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, {"id": parts[2], "name": "user " + parts[2]})
         elif url.path == "/error":
             self.reply(500, {"error": "internal"})
-        elif url.path == "/chain":
-            self.chain(parse_qs(url.query).get("to", [None])[0])
+        elif url.path in ("/chain", "/chain-pooled"):
+            self.chain(parse_qs(url.query).get("to", [None])[0], pooled=url.path == "/chain-pooled")
         elif url.path == "/headers":
             self.reply(200, {"traceparent": self.headers.get_all("traceparent") or []})
         else:
             self.reply(404, {"error": "not found"})
 
-    def chain(self, to):
+    def chain(self, to, pooled):
         if not to:
             self.reply(400, {"error": "missing ?to="})
             return
-        try:
-            with urllib.request.urlopen(to, timeout=10) as response:
-                response.read()
-                status = response.status
-        except urllib.error.HTTPError as error:
-            error.read()
-            status = error.code
+        status = POOL.submit(call, to).result() if pooled else call(to)
         self.reply(200, {"downstream_status": status})
 
     def do_POST(self):
@@ -102,6 +97,17 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200, {"received_bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
 
 
+def call(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        error.read()
+        return error.code
+
+
+POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
 print("READY", server.server_address[1], flush=True)
 server.serve_forever()
@@ -109,7 +115,8 @@ server.serve_forever()
 
 /// A Python `ThreadingHTTPServer` (HTTP/1.1, keep-alive). Routes:
 /// `/users/<id>` 200 JSON, `/error` 500, `/chain?to=<url>` calls `<url>` from
-/// the handling thread then 200, `/headers` lists the `traceparent` values it
+/// the handling thread then 200, `/chain-pooled?to=<url>` the same from a
+/// worker thread of a pool, `/headers` lists the `traceparent` values it
 /// received, POST echoes the body length and SHA-256, else 404.
 pub struct PyServer {
     script: ScriptProcess,

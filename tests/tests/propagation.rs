@@ -34,24 +34,37 @@ fn traceparents(body: &str) -> Vec<String> {
 
 #[test]
 fn one_trace_across_two_services() {
-    if !require_kernel() {
-        return;
+    if require_kernel() {
+        chain_is_one_trace("/chain");
     }
+}
+
+/// The call leaves from a pool's worker thread, which serves nothing itself: the kernel falls back
+/// to the one request its process serves.
+#[test]
+fn one_trace_when_a_worker_thread_makes_the_call() {
+    if require_kernel() {
+        chain_is_one_trace("/chain-pooled");
+    }
+}
+
+/// curl -> frontend `route` (which calls the backend) -> backend: one trace, exact parents.
+fn chain_is_one_trace(route: &str) {
     let backend = PyServer::start("backend.py");
     let frontend = PyServer::start("frontend.py");
     let receiver = OtlpReceiver::start(Protocol::Grpc);
     let _agent = Agent::start(&propagating_pid_args(&[frontend.pid(), backend.pid()]), Some(&receiver));
-    let url = frontend.url(&format!("/chain?to={}", backend.url("/users/1")));
+    let url = frontend.url(&format!("{route}?to={}", backend.url("/users/1")));
     let result = zerotel_tests::curl(&url, &[]);
     assert_eq!(result.status, 200);
 
     let spans = receiver.wait_for(
         |s| s.iter().any(|x| x.is(SpanKind::Server, backend.pid(), "/users/1"))
-            && s.iter().any(|x| x.is(SpanKind::Server, frontend.pid(), "/chain"))
+            && s.iter().any(|x| x.is(SpanKind::Server, frontend.pid(), route))
             && s.iter().any(|x| x.kind == SpanKind::Client && x.pid() == Some(frontend.pid())),
         SPAN_TIMEOUT,
     );
-    let server_a = spans.iter().find(|x| x.is(SpanKind::Server, frontend.pid(), "/chain")).expect("frontend SERVER");
+    let server_a = spans.iter().find(|x| x.is(SpanKind::Server, frontend.pid(), route)).expect("frontend SERVER");
     let client_a = spans.iter().find(|x| x.kind == SpanKind::Client && x.pid() == Some(frontend.pid())).expect("frontend CLIENT");
     let server_b = spans.iter().find(|x| x.is(SpanKind::Server, backend.pid(), "/users/1")).expect("backend SERVER");
     let all = describe(&spans);

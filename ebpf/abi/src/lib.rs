@@ -83,6 +83,8 @@ pub mod limits {
     pub const IN_FLIGHT_SYSCALLS: u32 = 16_384;
     /// Threads serving a request at once.
     pub const THREAD_CONTEXTS: u32 = 16_384;
+    /// Processes serving requests at once.
+    pub const SERVING_PROCESSES: u32 = 16_384;
 }
 
 /// Indices of the per-CPU counters the agent reads for its metrics.

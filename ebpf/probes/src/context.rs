@@ -2,10 +2,12 @@
 //! SERVER span ids (continuing an incoming `traceparent`), kept per thread while it serves; a
 //! request the thread sends gets a CLIENT span id in that trace. The agent exports exactly these.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use zerotel_abi::{SpanIds, ThreadContext, MAX_CAPTURE};
 
-use crate::maps::{sampler, INJECTED, THREAD_CONTEXT};
+use crate::maps::{sampler, ProcessServing, INJECTED, PROCESS_SERVING, THREAD_CONTEXT};
 
 /// The header name; its value `00-` + 32 + `-` + 16 + `-` + 2 hex is VALUE_LEN long.
 const HEADER: &[u8; 12] = b"traceparent:";
@@ -27,7 +29,28 @@ pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: 
         ids.flags = sampler().flags(&ids.trace_id, None);
     }
     let context = ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] };
-    let _ = THREAD_CONTEXT.insert(pid_tgid, context, 0);
+    // SAFETY: only compared against None.
+    let was_serving = unsafe { THREAD_CONTEXT.get(&pid_tgid) }.is_some();
+    if THREAD_CONTEXT.insert(pid_tgid, context, 0).is_ok() {
+        process_serves((pid_tgid >> 32) as u32, context, !was_serving);
+    }
+}
+
+/// Note the request a thread of `tgid` now serves (`one_more`: a thread that served none).
+#[inline(always)]
+fn process_serves(tgid: u32, context: ThreadContext, one_more: bool) {
+    if let Some(serving) = PROCESS_SERVING.get_ptr_mut(&tgid) {
+        // SAFETY: a live map value; the count is only ever changed atomically.
+        unsafe {
+            (*serving).context = context;
+            if one_more {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).threads, 1);
+            }
+        }
+        return;
+    }
+    let serving = ProcessServing { threads: u64::from(one_more), context };
+    let _ = PROCESS_SERVING.insert(&tgid, &serving, 0);
 }
 
 /// Decide the ids of a request a traced thread sends: a child of what it serves, else a new trace.
@@ -36,7 +59,7 @@ pub fn client_request(pid_tgid: u64, ids: &mut SpanIds) {
     ids.span_id = random_span_id();
     ids.valid = 1;
     // SAFETY: a live map value, read field by field.
-    match unsafe { THREAD_CONTEXT.get(&pid_tgid) } {
+    match unsafe { THREAD_CONTEXT.get(&pid_tgid) }.or_else(|| only_request_of((pid_tgid >> 32) as u32)) {
         Some(serving) => {
             ids.trace_id = serving.trace_id;
             ids.parent_id = serving.span_id;
@@ -63,10 +86,30 @@ pub fn sent_request(pid_tgid: u64, ids: &mut SpanIds) {
     }
 }
 
-/// The thread answered its request: what it sends next is no longer part of that trace.
+/// The request a process serves when exactly one of its threads serves one.
+#[inline(always)]
+fn only_request_of(tgid: u32) -> Option<&'static ThreadContext> {
+    // SAFETY: a live map value, read field by field.
+    let serving = unsafe { PROCESS_SERVING.get(&tgid) }?;
+    (serving.threads == 1).then_some(&serving.context)
+}
+
+/// The thread answered its request (or ended): what it sends next is no longer part of that trace.
 #[inline(always)]
 pub fn server_responded(pid_tgid: u64) {
-    let _ = THREAD_CONTEXT.remove(&pid_tgid);
+    if THREAD_CONTEXT.remove(&pid_tgid).is_err() {
+        return;
+    }
+    if let Some(serving) = PROCESS_SERVING.get_ptr_mut(&((pid_tgid >> 32) as u32)) {
+        // SAFETY: a live map value; the count is only ever changed atomically (adding u64::MAX
+        // subtracts one). A race at 1 can wrap it, which only turns the fallback off for that
+        // process, never gives a wrong parent.
+        unsafe {
+            if (*serving).threads > 0 {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).threads, u64::MAX);
+            }
+        }
+    }
 }
 
 /// Find `\ntraceparent:` (any case) in the head and parse a version-00 value into `ids`.

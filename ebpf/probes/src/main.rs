@@ -5,6 +5,9 @@
 //! Every program returns at its first map lookup for processes that are not traced.
 #![no_std]
 #![no_main]
+// Atomic add on map values (BPF_ATOMIC): core's atomic types lack fetch_add on this target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod classify;
 mod conns;

@@ -36,6 +36,21 @@ pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
 pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
     LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
 
+/// What a process serves: how many of its threads serve a request now, and the request one of
+/// them started last. When exactly one does, a request the process sends from another thread
+/// (client libraries with their own I/O threads, thread pools) is that request's child.
+#[repr(C)]
+pub struct ProcessServing {
+    /// Threads with a THREAD_CONTEXT entry; updated atomically, never trusted beyond "is it 1".
+    pub threads: u64,
+    pub context: ThreadContext,
+}
+
+/// `ProcessServing` by tgid. LRU: a process killed mid-request cannot leak an entry.
+#[map]
+pub static PROCESS_SERVING: LruHashMap<u32, ProcessServing> =
+    LruHashMap::with_max_entries(limits::SERVING_PROCESSES, BPF_F_NO_COMMON_LRU);
+
 /// Connections traced processes are opening, by socket cookie, until established (`propagation`).
 #[map]
 pub static CONNECTING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(limits::CONNS, BPF_F_NO_COMMON_LRU);

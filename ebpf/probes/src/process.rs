@@ -10,7 +10,7 @@ use zerotel_abi::{kind, limits::CGROUP_UNRECORDED, ProcessEvent};
 
 use crate::{
     conns::header,
-    maps::{count, is_traced, trace_all, EVENTS, THREAD_CONTEXT, TRACED_PIDS},
+    maps::{count, is_traced, trace_all, EVENTS, TRACED_PIDS},
 };
 
 /// sched/sched_process_fork: `pid_t parent_pid` at 12, `pid_t child_pid` at 20. The child of a traced
@@ -71,7 +71,7 @@ pub fn zt_sched_exec(ctx: TracePointContext) -> u32 {
 pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let _ = THREAD_CONTEXT.remove(pid_tgid);
+    crate::context::server_responded(pid_tgid);
     if tid != tgid {
         let _ = TRACED_PIDS.remove(tid);
     }
