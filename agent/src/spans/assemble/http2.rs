@@ -73,7 +73,7 @@ impl Assembler {
         let lineage = if is_server {
             Lineage::from_remote(rpc::remote_parent(request), &self.sampler)
         } else {
-            Lineage::from_serving(self.serving.of_thread(tid).or_else(|| self.serving.only_one_of(pid)), &self.sampler)
+            Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler)
         };
         if is_server {
             let serving = Serving {

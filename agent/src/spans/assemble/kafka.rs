@@ -83,10 +83,7 @@ impl Assembler {
             let lineage = match contexts.first() {
                 // The application's own instrumentation put a context in the record: join it.
                 Some(first) => Lineage::from_remote(Some(first.clone()), &self.sampler),
-                None => Lineage::from_serving(
-                    self.serving.of_thread(client.tid).or_else(|| self.serving.only_one_of(client.pid)),
-                    &self.sampler,
-                ),
+                None => Lineage::from_serving(self.serving.parent_for(client.pid, client.tid), &self.sampler),
             };
             let links = contexts.drain(..).skip(1).map(|c| link_of(&c)).collect();
             let span = messaging::describe_send(&name, &topic.partitions, facts);

@@ -133,6 +133,12 @@ impl ServingTable {
         self.by_tid.get(&tid).copied()
     }
 
+    /// What a request sent by `tid` of `pid` is the child of: what the thread serves, else the
+    /// one request its process serves (as the kernel decides for HTTP/1).
+    fn parent_for(&self, pid: u32, tid: u32) -> Option<Serving> {
+        self.of_thread(tid).or_else(|| self.only_one_of(pid))
+    }
+
     /// The request a process is serving when it serves exactly one: a client library that sends
     /// from its own thread (librdkafka, kafka-python) still sends on behalf of that request.
     fn only_one_of(&self, pid: u32) -> Option<Serving> {
@@ -334,7 +340,7 @@ impl Assembler {
     }
 
     fn push_client_span(&mut self, pid: u32, tid: u32, start_ns: u64, end_ns: u64, span: DbSpan) {
-        let lineage = Lineage::from_serving(self.serving.of_thread(tid), &self.sampler);
+        let lineage = Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler);
         let described = Described { kind: SpanKind::Client, name: span.name, attributes: span.attributes, status: span.status, links: Vec::new() };
         self.push_span(pid, lineage, context::new_span_id(), (start_ns, end_ns), described);
     }
@@ -442,7 +448,7 @@ impl Assembler {
         kernel_ids: Option<SpanIds>,
     ) {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
-        let is_server = conn.is_server;
+        let (pid, is_server) = (conn.pid, conn.is_server);
         if self.exchanges.len() >= MAX_OPEN_EXCHANGES {
             self.telemetry.exchanges_desynchronised.inc();
             return;
@@ -453,10 +459,9 @@ impl Assembler {
             None if is_server => {
                 (Lineage::from_remote(context::extract(&request.context), &self.sampler), context::new_span_id())
             }
-            None => (Lineage::from_serving(self.serving.of_thread(tid), &self.sampler), context::new_span_id()),
+            None => (Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler), context::new_span_id()),
         };
         if is_server {
-            let pid = conn.pid;
             let serving = Serving { pid, conn_id, exchange: id, trace_id: lineage.trace_id, span_id, flags: lineage.flags };
             self.serving.start(tid, serving);
         }
