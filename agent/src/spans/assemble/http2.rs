@@ -2,9 +2,12 @@
 //! RPC conventions). A SERVER stream continues the trace its headers carry and is what the
 //! process serves meanwhile; a CLIENT stream is the child of what its process serves.
 
-use zerotel_abi::{direction, StreamChunkHead};
+use zerotel_abi::{direction, H2InjectedEvent, StreamChunkHead};
 
 use super::{Assembler, Described, Lineage, Serving, MAX_OPEN_EXCHANGES};
+
+/// Injected ids waiting for their stream's header block (reported before the send's bytes).
+const MAX_PENDING_INJECTED: usize = 65_536;
 use crate::{
     context,
     protocols::http2::{H2Connection, H2Event, H2Stream, Headers, Piece, Role},
@@ -46,6 +49,14 @@ impl Assembler {
         self.flush_h2_events(head.conn_id, head.header.tid);
     }
 
+    /// sk_msg put `traceparent` into the HEADERS frame opening a stream: its CLIENT span has these ids.
+    pub(super) fn on_h2_injected(&mut self, e: &H2InjectedEvent) {
+        if self.h2_injected.len() >= MAX_PENDING_INJECTED {
+            self.h2_injected.clear();
+        }
+        self.h2_injected.insert((e.conn_id, e.stream_id), e.ids);
+    }
+
     /// The connection closed: its open streams end now.
     pub(super) fn close_h2(&mut self, conn_id: u64, ts_ns: u64) {
         let Some(h2) = self.conns.get_mut(conn_id).and_then(|c| c.h2.as_mut()) else { return };
@@ -69,11 +80,12 @@ impl Assembler {
             self.telemetry.exchanges_desynchronised.inc();
             return;
         }
-        let span_id = context::new_span_id();
-        let lineage = if is_server {
-            Lineage::from_remote(rpc::remote_parent(request), &self.sampler)
-        } else {
-            Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler)
+        let injected = if is_server { None } else { self.h2_injected.remove(&(conn_id, stream_id)) };
+        let (lineage, span_id) = match injected {
+            // The ids the request carries downstream.
+            Some(ids) => (Lineage::injected(&ids), ids.span_id),
+            None if is_server => (Lineage::from_remote(rpc::remote_parent(request), &self.sampler), context::new_span_id()),
+            None => (Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler), context::new_span_id()),
         };
         if is_server {
             let serving = Serving {
@@ -108,6 +120,7 @@ impl Assembler {
     /// Streams of a connection that went away without ending them.
     pub(super) fn forget_h2_streams(&mut self, conn_id: u64) {
         self.h2_streams.retain(|(c, _), _| *c != conn_id);
+        self.h2_injected.retain(|(c, _), _| *c != conn_id);
     }
 }
 

@@ -61,6 +61,16 @@ impl Lineage {
         )
     }
 
+    /// Ids the kernel injected into an outgoing request, as they are.
+    fn injected(ids: &SpanIds) -> Self {
+        Self {
+            trace_id: ids.trace_id,
+            parent: (ids.parent_id != [0; 8]).then_some(ids.parent_id),
+            flags: ids.flags,
+            trace_state: String::new(),
+        }
+    }
+
     /// The kernel's decision; tracestate still comes from the request's own header. The kernel
     /// reads W3C version 00 only: a SERVER request whose parent only userspace understood (B3, a
     /// later traceparent version) keeps that parent.
@@ -205,6 +215,8 @@ pub struct Assembler {
     kafka_exchanges: Vec<crate::protocols::kafka::Exchange>,
     h2_events: Vec<crate::protocols::http2::H2Event>,
     h2_streams: FxHashMap<(u64, u32), http2::OpenStream>,
+    /// Ids the kernel injected into HTTP/2 requests, until their stream starts.
+    h2_injected: FxHashMap<(u64, u32), SpanIds>,
     spans: Vec<Span>,
 }
 
@@ -227,6 +239,7 @@ impl Assembler {
             kafka_exchanges: Vec::new(),
             h2_events: Vec::new(),
             h2_streams: FxHashMap::default(),
+            h2_injected: FxHashMap::default(),
             spans: Vec::new(),
         }
     }
@@ -247,6 +260,7 @@ impl Assembler {
             CapturedEvent::PgMessage { head, body } => self.on_pg_message(&head, &body),
             CapturedEvent::StreamChunk { head, data } if head.protocol == protocol::HTTP2 => self.on_h2_chunk(&head, &data),
             CapturedEvent::StreamChunk { head, data } => self.on_stream_chunk(&head, &data),
+            CapturedEvent::H2Injected(e) => self.on_h2_injected(&e),
         }
     }
 
