@@ -451,6 +451,18 @@ fn concurrent_streams_scenario(client: Runtime, server: GrpcServer) {
     let first_end = server_spans.iter().map(|s| s.end_unix_ns).min().unwrap_or(0);
     let last_start = server_spans.iter().map(|s| s.start_unix_ns).max().unwrap_or(0);
     assert!(last_start < first_end, "the streams overlapped:\n{}", describe(&server_spans));
+    // Concurrent calls share sends (grpc-go writes all 20 HEADERS frames at once); each still
+    // gets exactly one traceparent, naming its own CLIENT span, whose SERVER span is its child.
+    assert!(server.received().iter().all(|r| r.traceparent.len() == 1), "{:?}", server.received());
+    let injected: Vec<String> = server.received().iter().flat_map(|r| r.traceparent.clone()).collect();
+    let all = describe(&client_spans);
+    for traceparent in &injected {
+        let client_span = client_spans
+            .iter()
+            .find(|c| *traceparent == format!("00-{}-{}-01", c.trace_id, c.span_id))
+            .unwrap_or_else(|| panic!("{traceparent} names no CLIENT span:\n{all}"));
+        assert!(server_spans.iter().any(|s| s.parent_span_id == client_span.span_id), "{client_span}");
+    }
 }
 
 #[test]

@@ -89,6 +89,10 @@ pub static STREAM_WALK: PerCpuArray<crate::stream::Walk> = PerCpuArray::with_max
 #[map]
 pub static H2_WALK: PerCpuArray<crate::propagation_h2::Walk> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU copy of an HTTP/2 header block being scanned (`propagation_h2`).
+#[map]
+pub static H2_BLOCK: PerCpuArray<crate::propagation_h2::BlockCopy> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch word (see `propagation::launder`).
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -8,16 +8,22 @@
 //! good: a connection whose frames cannot be followed, and one whose application sends
 //! `traceparent` itself (a header name reaches the peer's table only as a literal first, so
 //! scanning every opening block for the literal name, plain or Huffman-coded, sees it first).
-//! Left alone once: blocks split into CONTINUATION frames, frames that would outgrow the peer's
-//! minimum frame size, long blocks, large sends.
+//! Up to 32 streams opened in one send each get theirs. Left alone once: blocks split into
+//! CONTINUATION frames, frames that would outgrow the peer's minimum frame size, long blocks,
+//! large sends.
 
-use aya_ebpf::{helpers::generated::bpf_msg_pull_data, programs::SkMsgContext};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{bpf_loop, bpf_msg_pull_data, bpf_probe_read_kernel},
+    programs::SkMsgContext,
+};
 use zerotel_abi::{counters, h2_out, kind, ConnState, H2InjectedEvent, H2Outgoing, SpanIds};
 
 use crate::{
     context,
     conns::header,
-    maps::{count, EVENTS, H2_WALK},
+    maps::{count, EVENTS, H2_BLOCK, H2_WALK},
 };
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -27,7 +33,9 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Frames followed per send; a send of more turns injection off for the connection.
-const MAX_FRAMES: u32 = 32;
+const MAX_FRAMES: u32 = 128;
+/// Streams one send may open and get a `traceparent`; further ones in the same send go without.
+const MAX_OPENINGS: u32 = 32;
 /// SETTINGS_MAX_FRAME_SIZE's initial value: a grown frame must fit whatever the peer allows.
 const MAX_FRAME_SIZE: u32 = 16_384;
 /// Header blocks longer than this are not scanned, and so not touched.
@@ -51,19 +59,27 @@ pub fn is_h2_send(ctx: &SkMsgContext, conn: &ConnState) -> bool {
     }
 }
 
-/// Where the walk of one send's frames stands, and the first HEADERS frame it found opening a
-/// stream. In a per-CPU map, not on the stack: the verifier tracks no exact values in map
-/// memory, so every way out of the walk reaches the injection in one state.
+/// Where the walk of one send's frames stands, and the HEADERS frames it found opening streams
+/// (concurrent calls batched into one write). In a per-CPU map, not on the stack: the verifier
+/// tracks no exact values in map memory, so every way out of the walk reaches the injection in
+/// one state.
 #[repr(C)]
 pub struct Walk {
     /// Offset of the next frame header in the send.
     at: u32,
-    /// 1 when `opening` holds a frame.
+    /// Entries of `openings` in use.
     found: u32,
-    opening_at: u32,
-    opening_len: u32,
-    opening_flags: u32,
-    opening_stream: u32,
+    openings: [Opening; MAX_OPENINGS as usize],
+}
+
+/// A HEADERS frame opening a stream.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Opening {
+    at: u32,
+    len: u32,
+    flags: u32,
+    stream: u32,
 }
 
 /// Follow the frames of one send and give the first stream it opens a `traceparent`.
@@ -98,15 +114,23 @@ pub fn on_send(ctx: &SkMsgContext, pid_tgid: u64, conn: &mut ConnState) {
         return;
     }
     conn.h2_out.skip = walk.at - size;
-    if walk.found != 0 && walk.opening_flags & u32::from(END_HEADERS) != 0 {
-        let frame = Frame {
-            at: walk.opening_at,
-            len: walk.opening_len,
-            kind: HEADERS,
-            flags: walk.opening_flags as u8,
-            stream: walk.opening_stream,
-        };
-        inject(ctx, pid_tgid, conn, &frame, size);
+    // Last first: an insertion moves only what follows it, so earlier offsets stay right.
+    let mut k = 0;
+    while k < MAX_OPENINGS {
+        if k < walk.found {
+            let opening = walk.openings[((walk.found - 1 - k) & (MAX_OPENINGS - 1)) as usize];
+            let frame = Frame {
+                at: opening.at,
+                len: opening.len,
+                kind: HEADERS,
+                flags: opening.flags as u8,
+                stream: opening.stream,
+            };
+            if frame.flags & END_HEADERS != 0 && !inject(ctx, pid_tgid, conn, &frame, ctx.size()) {
+                break;
+            }
+        }
+        k += 1;
     }
 }
 
@@ -126,12 +150,10 @@ fn step(ctx: &SkMsgContext, walk: &mut Walk, out: &mut H2Outgoing, size: u32) ->
     };
     if frame.kind == HEADERS && frame.stream & 1 == 1 && frame.stream > out.last_stream {
         out.last_stream = frame.stream;
-        if walk.found == 0 {
-            walk.found = 1;
-            walk.opening_at = frame.at;
-            walk.opening_len = frame.len;
-            walk.opening_flags = u32::from(frame.flags);
-            walk.opening_stream = frame.stream;
+        if walk.found < MAX_OPENINGS {
+            let opening = Opening { at: frame.at, len: frame.len, flags: u32::from(frame.flags), stream: frame.stream };
+            walk.openings[(walk.found & (MAX_OPENINGS - 1)) as usize] = opening;
+            walk.found += 1;
         }
     }
     walk.at = at + FRAME_HEADER + frame.len;
@@ -169,31 +191,33 @@ fn frame_at(ctx: &SkMsgContext, at: u32) -> Option<Frame> {
 }
 
 /// Append the field to the frame's header block; undone if anything after the insertion fails.
+/// False when the send's other streams must be left alone too.
 #[inline(always)]
-fn inject(ctx: &SkMsgContext, pid_tgid: u64, conn: &mut ConnState, frame: &Frame, size: u32) {
+fn inject(ctx: &SkMsgContext, pid_tgid: u64, conn: &mut ConnState, frame: &Frame, size: u32) -> bool {
     if size + FIELD_LEN > MAX_LINEAR || frame.len + FIELD_LEN > MAX_FRAME_SIZE {
-        return;
+        return size + FIELD_LEN <= MAX_LINEAR;
     }
-    let Some((start, end)) = header_block(ctx, frame) else { return };
+    let Some((start, end)) = header_block(ctx, frame) else { return true };
     if end > size || end - start > MAX_BLOCK {
-        return;
+        return true;
     }
     if names_traceparent(ctx, start, end) {
         conn.h2_out.state |= h2_out::OFF; // the application propagates itself
-        return;
+        return false;
     }
     let mut ids = SpanIds::default();
     context::client_request(pid_tgid, &mut ids);
     if ctx.push_data(end, FIELD_LEN, 0).is_err() {
-        return;
+        return false;
     }
     // One linear piece again, so TCP sends the frames as the application wrote them.
     if !(write_field(ctx, end, &ids) && pull(ctx, 0, size + FIELD_LEN) && write_length(ctx, frame, frame.len + FIELD_LEN)) {
         let _ = ctx.pop_data(end, FIELD_LEN, 0);
         count(counters::CAPTURE_FAILED);
-        return;
+        return false;
     }
     report(pid_tgid, conn.conn_id, frame.stream, ids);
+    true
 }
 
 /// Where the header block of a HEADERS frame starts and ends (after its padding length and
@@ -222,30 +246,61 @@ fn byte_at(ctx: &SkMsgContext, at: u32) -> Option<u8> {
     Some(unsafe { *(ctx.data() as *const u8) })
 }
 
+/// A header block copied out of the message, to be scanned in `bpf_loop` (a scan unrolled over
+/// the message itself costs the verifier too much once per opening stream).
+#[repr(C)]
+pub struct BlockCopy {
+    len: u64,
+    found: u64,
+    bytes: [u8; MAX_BLOCK as usize + 8],
+}
+
 /// Whether the block holds the name `traceparent`, plain or Huffman-coded (a false match in a
 /// value only costs this request its header).
 #[inline(always)]
 fn names_traceparent(ctx: &SkMsgContext, start: u32, end: u32) -> bool {
-    if end - start < 8 {
+    let len = end - start;
+    if len < 8 {
         return false;
     }
-    if !pull(ctx, start, end) {
+    let Some(copy) = H2_BLOCK.get_ptr_mut(0) else { return true };
+    // SAFETY: a per-CPU value no one else uses while this program runs.
+    let copy = unsafe { &mut *copy };
+    if !pull(ctx, start, end) || ctx.data() + len as usize > ctx.data_end() {
         return true; // cannot look: behave as if it were there
     }
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let mut i = 0;
-    while i < MAX_BLOCK as usize {
-        if data + i + 8 > data_end {
-            break;
-        }
-        // SAFETY: bounds checked above.
-        let word = unsafe { core::ptr::read_unaligned((data + i) as *const u64) };
-        if word == NAME_PLAIN || word == NAME_HUFFMAN {
-            return true;
-        }
-        i += 1;
+    // Through map memory and a mask, so the verifier bounds the size from these alone.
+    // SAFETY: a plain u64 of this CPU's value.
+    unsafe { core::ptr::write_volatile(&raw mut copy.len, u64::from(len)) };
+    let size = unsafe { core::ptr::read_volatile(&raw const copy.len) } & (2 * MAX_BLOCK as u64 - 1);
+    if size > MAX_BLOCK as u64 {
+        return true;
     }
-    false
+    // SAFETY: size <= MAX_BLOCK < bytes.len(); the source is the pulled block in kernel memory.
+    let rc = unsafe { bpf_probe_read_kernel(copy.bytes.as_mut_ptr().cast(), size as u32, ctx.data() as *const c_void) };
+    if rc != 0 {
+        return true;
+    }
+    let size = size as u32;
+    copy.found = 0;
+    // SAFETY: a helper call; `scan_step` finds its state in H2_BLOCK.
+    unsafe { bpf_loop(size - 7, scan_step as *mut c_void, core::ptr::null_mut(), 0) };
+    copy.found != 0
+}
+
+/// Compare the 8 bytes at `index` with the name's start. Returns 1 to stop.
+extern "C" fn scan_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(copy) = H2_BLOCK.get_ptr_mut(0) else { return 1 };
+    // SAFETY: the per-CPU value `names_traceparent` filled.
+    let copy = unsafe { &mut *copy };
+    let at = (index & (MAX_BLOCK as u64 - 1)) as usize;
+    // SAFETY: at < MAX_BLOCK and bytes holds MAX_BLOCK + 8.
+    let word = unsafe { core::ptr::read_unaligned(copy.bytes.as_ptr().add(at).cast::<u64>()) };
+    if word == NAME_PLAIN || word == NAME_HUFFMAN {
+        copy.found = 1;
+        return 1;
+    }
+    0
 }
 
 /// Write the field into the room made at `at`.
