@@ -93,7 +93,7 @@ pub static H2_WALK: PerCpuArray<crate::propagation_h2::Walk> = PerCpuArray::with
 #[map]
 pub static H2_BLOCK: PerCpuArray<crate::propagation_h2::BlockCopy> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch word (see `propagation::launder`).
+/// Per-CPU scratch word: where `propagation::scan_head` found the request line's end.
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 

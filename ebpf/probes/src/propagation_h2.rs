@@ -250,8 +250,11 @@ fn byte_at(ctx: &SkMsgContext, at: u32) -> Option<u8> {
 /// the message itself costs the verifier too much once per opening stream).
 #[repr(C)]
 pub struct BlockCopy {
+    /// The block's length (read back masked, for the verifier).
     len: u64,
+    /// Set by `scan_step` when the name is found.
     found: u64,
+    /// The block, and room for the last 8-byte compare.
     bytes: [u8; MAX_BLOCK as usize + 8],
 }
 
