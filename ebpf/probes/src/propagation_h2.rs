@@ -144,7 +144,9 @@ fn step(ctx: &SkMsgContext, walk: &mut Walk, out: &mut H2Outgoing, size: u32) ->
     }
     // A frame header split between two sends cannot be read: stop following.
     let frame = if at + FRAME_HEADER <= size { frame_at(ctx, at) } else { None };
-    let Some(frame) = frame else {
+    // Defence in depth: a frame header that does not look like one means the walk lost its
+    // place, and nothing may be written on a guess.
+    let Some(frame) = frame.filter(|f| plausible(f, out.last_stream)) else {
         out.state |= h2_out::OFF;
         return false;
     };
@@ -158,6 +160,18 @@ fn step(ctx: &SkMsgContext, walk: &mut Walk, out: &mut H2Outgoing, size: u32) ->
     }
     walk.at = at + FRAME_HEADER + frame.len;
     true
+}
+
+/// Frame types a client sends (RFC 9113: DATA through CONTINUATION).
+const MAX_FRAME_TYPE: u8 = 0x9;
+/// How far past the last stream id a new HEADERS frame may jump (ids grow by 2 per stream).
+const MAX_STREAM_JUMP: u32 = 2 * MAX_FRAMES;
+
+/// Whether a frame header read at the walk's position looks like one a client sends next.
+#[inline(always)]
+fn plausible(frame: &Frame, last_stream: u32) -> bool {
+    frame.kind <= MAX_FRAME_TYPE
+        && (frame.kind != HEADERS || frame.stream <= last_stream.saturating_add(MAX_STREAM_JUMP))
 }
 
 #[derive(Clone, Copy)]
