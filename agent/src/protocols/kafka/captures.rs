@@ -1,15 +1,7 @@
 //! Test support: the captured connections in `testdata/` (see its README) and ways to replay them.
 
 use super::{Direction, Exchange, KafkaConnection, Piece};
-
-/// One captured syscall.
-#[derive(Debug, Clone)]
-pub struct Syscall {
-    pub direction: Direction,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub bytes: Vec<u8>,
-}
+pub use crate::protocols::replay::{plan, syscalls, whole, PlannedPiece, Syscall};
 
 macro_rules! capture {
     ($name:literal) => {
@@ -47,72 +39,11 @@ pub fn capture(name: &str) -> &'static [u8] {
     CAPTURES.iter().find(|(known, _)| *known == name).map(|(_, bytes)| *bytes).expect("a known capture")
 }
 
-/// Record: direction u8 (0 sent by the client), start_ns u64, end_ns u64, length u32 (big-endian), bytes.
-pub fn syscalls(capture: &[u8]) -> Vec<Syscall> {
-    let mut syscalls = Vec::new();
-    let mut rest = capture;
-    while let Some((head, tail)) = rest.split_first_chunk::<21>() {
-        let direction = if head[0] == 0 { Direction::Request } else { Direction::Response };
-        let start_ns = u64::from_be_bytes(head[1..9].try_into().unwrap());
-        let end_ns = u64::from_be_bytes(head[9..17].try_into().unwrap());
-        let len = u32::from_be_bytes(head[17..21].try_into().unwrap()) as usize;
-        syscalls.push(Syscall { direction, start_ns, end_ns, bytes: tail[..len].to_vec() });
-        rest = &tail[len..];
-    }
-    syscalls
-}
-
-/// A piece to push: which bytes of which syscall, as `Piece` fields.
-#[derive(Debug, Clone)]
-pub struct PlannedPiece {
-    pub direction: Direction,
-    pub offset: u64,
-    pub bytes: Vec<u8>,
-    pub syscall_end: u64,
-    pub start_ns: u64,
-    pub end_ns: u64,
-}
-
-/// Cuts each syscall into pieces where `cuts` says (offsets within the syscall, ascending), keeping
-/// only its first `captured(index, len)` bytes; `skip(index)` drops a syscall as lost.
-pub fn plan(
-    syscalls: &[Syscall],
-    mut cuts: impl FnMut(usize, usize) -> Vec<usize>,
-    mut captured: impl FnMut(usize, usize) -> usize,
-    mut skip: impl FnMut(usize) -> bool,
-) -> Vec<PlannedPiece> {
-    let mut offsets = [0u64; 2];
-    let mut pieces = Vec::new();
-    for (index, syscall) in syscalls.iter().enumerate() {
-        let offset = &mut offsets[syscall.direction as usize];
-        let syscall_end = *offset + syscall.bytes.len() as u64;
-        if !skip(index) {
-            let kept = captured(index, syscall.bytes.len()).min(syscall.bytes.len());
-            let mut bounds: Vec<usize> = cuts(index, kept).into_iter().filter(|cut| *cut < kept).collect();
-            bounds.push(kept);
-            let mut from = 0;
-            for to in bounds {
-                pieces.push(PlannedPiece {
-                    direction: syscall.direction,
-                    offset: *offset + from as u64,
-                    bytes: syscall.bytes[from..to].to_vec(),
-                    syscall_end,
-                    start_ns: syscall.start_ns,
-                    end_ns: syscall.end_ns,
-                });
-                from = to;
-            }
-        }
-        *offset = syscall_end;
-    }
-    pieces
-}
-
 pub fn push_all(connection: &mut KafkaConnection, pieces: &[PlannedPiece]) -> Vec<Exchange> {
     let mut out = Vec::new();
     for planned in pieces {
         let piece = Piece {
-            direction: planned.direction,
+            direction: if planned.outgoing { Direction::Request } else { Direction::Response },
             offset: planned.offset,
             bytes: &planned.bytes,
             syscall_end: planned.syscall_end,
@@ -126,7 +57,7 @@ pub fn push_all(connection: &mut KafkaConnection, pieces: &[PlannedPiece]) -> Ve
 
 /// Replays a capture one piece per syscall.
 pub fn replay(capture: &[u8]) -> (KafkaConnection, Vec<Exchange>) {
-    let pieces = plan(&syscalls(capture), |_, _| Vec::new(), |_, len| len, |_| false);
+    let pieces = whole(&syscalls(capture));
     let mut connection = KafkaConnection::new();
     let out = push_all(&mut connection, &pieces);
     (connection, out)
@@ -136,7 +67,7 @@ pub fn replay(capture: &[u8]) -> (KafkaConnection, Vec<Exchange>) {
 pub fn frames(capture: &[u8], direction: Direction) -> Vec<Vec<u8>> {
     let stream: Vec<u8> = syscalls(capture)
         .into_iter()
-        .filter(|syscall| syscall.direction == direction)
+        .filter(|syscall| syscall.outgoing == (direction == Direction::Request))
         .flat_map(|syscall| syscall.bytes)
         .collect();
     let mut frames = Vec::new();

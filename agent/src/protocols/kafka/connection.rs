@@ -575,7 +575,7 @@ mod tests {
             let mut merged: Vec<Syscall> = Vec::new();
             for call in syscalls(bytes) {
                 match merged.last_mut() {
-                    Some(last) if last.direction == call.direction => {
+                    Some(last) if last.outgoing == call.outgoing => {
                         last.bytes.extend_from_slice(&call.bytes);
                         last.end_ns = call.end_ns;
                     }
@@ -622,7 +622,7 @@ mod tests {
                     assert!(full.iter().any(|known| same(&known)), "{name} cut {cut}: {exchange:?}");
                 }
                 // A cut shows when the direction's next piece arrives.
-                let later = calls[cut + 1..].iter().any(|call| call.direction == calls[cut].direction);
+                let later = calls[cut + 1..].iter().any(|call| call.outgoing == calls[cut].outgoing);
                 if later && calls[cut].bytes.len() >= 2 {
                     assert!(connection.truncated_frames() + connection.desyncs() >= 1, "{name} cut {cut}");
                 }
@@ -764,10 +764,7 @@ mod tests {
                     let extra: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
                     call.bytes.extend(extra);
                 }
-                _ => {
-                    call.direction =
-                        if call.direction == Direction::Request { Direction::Response } else { Direction::Request }
-                }
+                _ => call.outgoing = !call.outgoing,
             }
         }
     }
