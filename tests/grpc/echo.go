@@ -25,6 +25,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
@@ -53,13 +55,15 @@ func fatal(format string, args ...interface{}) {
 
 func main() {
 	if len(os.Args) != 3 {
-		fatal("usage: echo server|client '<json>'")
+		fatal("usage: echo server|client|h2c '<json>'")
 	}
 	switch os.Args[1] {
 	case "server":
 		serve(os.Args[2])
 	case "client":
 		runClient(os.Args[2])
+	case "h2c":
+		serveH2c(os.Args[2])
 	default:
 		fatal("unknown role %q", os.Args[1])
 	}
@@ -99,6 +103,48 @@ func serve(raw string) {
 	}
 	server := grpc.NewServer(grpc.UnaryInterceptor(recordUnary), grpc.StreamInterceptor(recordStream))
 	server.RegisterService(&echoService, struct{}{})
+	fmt.Printf("READY %d\n", listener.Addr().(*net.TCPAddr).Port)
+	if err := server.Serve(listener); err != nil {
+		fatal("serve: %v", err)
+	}
+}
+
+// serveH2c runs a plain HTTP service (no gRPC) that speaks HTTP/1.1, h2c with prior knowledge
+// and h2c after an HTTP/1.1 `Upgrade: h2c` (golang.org/x/net/http2/h2c). Every request gets 200
+// "hello <path> over HTTP/<major>"; the log gets one line per request, as the gRPC server's.
+func serveH2c(raw string) {
+	if err := json.Unmarshal([]byte(raw), &options); err != nil {
+		fatal("options %q: %v", raw, err)
+	}
+	if options.Log != "" {
+		f, err := os.OpenFile(options.Log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			fatal("open log: %v", err)
+		}
+		logFile = f
+	}
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fatal("listen: %v", err)
+	}
+	hello := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintf(w, "hello %s over HTTP/%d\n", r.URL.Path, r.ProtoMajor)
+		traceparents := r.Header.Values("traceparent")
+		if traceparents == nil {
+			traceparents = []string{}
+		}
+		line, _ := json.Marshal(map[string]interface{}{
+			"method": r.Method + " " + r.URL.Path, "traceparent": traceparents, "peer": r.RemoteAddr, "code": 200,
+			"protocol": r.Proto,
+		})
+		if logFile != nil {
+			logMutex.Lock()
+			logFile.Write(append(line, '\n'))
+			logMutex.Unlock()
+		}
+	})
+	server := &http.Server{Handler: h2c.NewHandler(hello, &http2.Server{})}
 	fmt.Printf("READY %d\n", listener.Addr().(*net.TCPAddr).Port)
 	if err := server.Serve(listener); err != nil {
 		fatal("serve: %v", err)

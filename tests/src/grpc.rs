@@ -778,12 +778,47 @@ impl GrpcChain {
 
 // ---- plain HTTP/2: nghttpd and its clients ----
 
+/// A Go HTTP service (net/http with golang.org/x/net/http2/h2c, no gRPC) on 127.0.0.1:<free
+/// port) that speaks HTTP/1.1, h2c with prior knowledge and h2c after an HTTP/1.1
+/// `Upgrade: h2c`. Any path gets 200 `hello <path> over HTTP/<major>`; each request is logged
+/// (`GET <path>`, its `traceparent` headers, the peer, 200). Untraced, stopped on drop.
+pub struct GoH2cServer {
+    process: ServiceProcess,
+}
+
+impl GoH2cServer {
+    pub fn start() -> GoH2cServer {
+        let dir = TempDir::new("go-h2c");
+        let options = ServerOptions::new().to_json(&dir.join("requests.jsonl"));
+        let args = [OsStr::new("h2c"), OsStr::new(&options)];
+        GoH2cServer { process: ServiceProcess::start(go_echo_binary(), &args, dir, "Go h2c server") }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port())
+    }
+
+    /// Waits until `count` requests were answered and returns them, in that order.
+    pub fn wait_received(&self, count: usize) -> Vec<ReceivedRequest> {
+        self.process.wait_received(count, LOG_TIMEOUT)
+    }
+}
+
 /// Size of nghttpd's `/large.bin` (more than the 64 KiB initial flow-control window).
 pub const NGHTTPD_LARGE_FILE_SIZE: usize = 1 << 20;
 /// Body of nghttpd's `/index.html`.
 pub const NGHTTPD_INDEX: &str = "hello over h2c\n";
 
-/// nghttpd (nghttp2-server), h2c only (`--no-tls`: prior knowledge or Upgrade), one thread,
+/// nghttpd (nghttp2-server), h2c with prior knowledge only (`--no-tls`; it does not answer an
+/// HTTP/1.1 Upgrade: [`GoH2cServer`] does), one thread,
 /// serving a directory: `/index.html` ([`NGHTTPD_INDEX`]), `/large.bin`
 /// ([`NGHTTPD_LARGE_FILE_SIZE`] bytes), 404 for anything else. Stopped on drop.
 pub struct Nghttpd {

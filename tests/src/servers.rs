@@ -81,8 +81,26 @@ class Handler(BaseHTTPRequestHandler):
             self.chain(parse_qs(url.query).get("to", [None])[0], pooled=url.path == "/chain-pooled")
         elif url.path == "/headers":
             self.reply(200, {"traceparent": self.headers.get_all("traceparent") or []})
+        elif url.path == "/echo-upgrade":
+            self.echo_upgrade()
         else:
             self.reply(404, {"error": "not found"})
+
+    def echo_upgrade(self):
+        # A WebSocket-style switch (its accept value holds "h2c" inside a token), then the raw
+        # bytes echoed until the client closes.
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", "xh2cPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            data = self.connection.recv(65536)
+            if not data:
+                break
+            self.connection.sendall(data)
+        self.close_connection = True
 
     def chain(self, to, pooled):
         if not to:
@@ -117,7 +135,9 @@ server.serve_forever()
 /// `/users/<id>` 200 JSON, `/error` 500, `/chain?to=<url>` calls `<url>` from
 /// the handling thread then 200, `/chain-pooled?to=<url>` the same from a
 /// worker thread of a pool, `/headers` lists the `traceparent` values it
-/// received, POST echoes the body length and SHA-256, else 404.
+/// received, `/echo-upgrade` switches protocols (`101`, `Upgrade: websocket`)
+/// and echoes raw bytes until the client closes, POST echoes the body length
+/// and SHA-256, else 404.
 pub struct PyServer {
     script: ScriptProcess,
     port: u16,

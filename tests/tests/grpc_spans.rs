@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use zerotel_tests::grpc::{
     h2c_curl, h2c_curl_args, h2load_args, parse_front_response, run_h2load, run_nghttp, Code, Concurrency, Downstream,
-    GrpcCall, GrpcChain, GrpcServer, HttpFront, Nghttpd, Payload, ReceivedRequest, Runtime, ServerOptions,
+    GoH2cServer, GrpcCall, GrpcChain, GrpcServer, HttpFront, Nghttpd, Payload, ReceivedRequest, Runtime, ServerOptions,
     NGHTTPD_LARGE_FILE_SIZE,
 };
 use zerotel_tests::util::{random_span_id, random_trace_id};
@@ -605,6 +605,99 @@ fn curl_to_nghttpd_gives_http_spans_over_http2() {
 
 /// h2load: 200 requests over 4 connections of up to 10 concurrent streams: exactly 200 SERVER
 /// spans in nghttpd.
+/// `curl --http2` on an http:// URL asks for h2c by HTTP/1.1 Upgrade (RFC 7540 §3.2): the first
+/// request goes out as HTTP/1.1 and is answered on stream 1 after `101 Switching Protocols`, the
+/// second goes out on stream 3 of the same connection. Both sides give one HTTP/2 span per
+/// request, and each SERVER span is the child of the CLIENT span that asked: the first carried
+/// `traceparent` as an HTTP/1.1 header, the second in its HEADERS frame.
+#[test]
+fn an_h2c_upgrade_gives_http2_spans_linked_across() {
+    if !require_kernel() {
+        return;
+    }
+    let server = GoH2cServer::start();
+    let (first, second) = (server.url("/first"), server.url("/second"));
+    let curl = paused_client(&["curl", "-sS", "--noproxy", "*", "--http2", "--max-time", "20", &first, &second]);
+    let curl_pid = curl.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&[curl_pid, server.pid()]), Some(&receiver));
+    let output = curl.release();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Go's h2c hands the upgrade request to the handler as it came (HTTP/1.1); its answer goes
+    // out on stream 1.
+    assert_eq!(stdout, "hello /first over HTTP/1\nhello /second over HTTP/2\n", "{output:?}");
+    let received = server.wait_received(2);
+    assert_eq!(peers(&received).len(), 1, "one connection, upgraded: {received:?}");
+
+    let spans = receiver.wait_for(
+        |spans| {
+            let count = |kind, pid| spans.iter().filter(|s| s.kind == kind && s.pid() == Some(pid)).count();
+            count(SpanKind::Client, curl_pid) >= 2 && count(SpanKind::Server, server.pid()) >= 2
+        },
+        SPAN_TIMEOUT,
+    );
+    let all = describe(&spans);
+    for (path, arrived) in ["/first", "/second"].iter().zip(&received) {
+        let client = zerotel_tests::find_span(&spans, &format!("CLIENT {path}"), |s| s.is(SpanKind::Client, curl_pid, path));
+        let served = zerotel_tests::find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), path));
+        for span in [&client, &served] {
+            assert_eq!(span.attr_str("http.request.method"), Some("GET"), "{span}");
+            assert_eq!(span.attr_int("http.response.status_code"), Some(200), "{span}");
+            assert_eq!(span.attr_str("network.protocol.version"), Some("2"), "{span}");
+            assert_eq!(span.attr_int("server.port"), Some(i64::from(server.port())), "{span}");
+        }
+        assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
+        assert_eq!(arrived.traceparent, [format!("00-{}-{}-01", client.trace_id, client.span_id)], "{path}");
+    }
+    drop(agent);
+}
+
+/// Other upgrades stay HTTP/1: a traced server that switches to another protocol (here
+/// WebSocket-style, with "h2c" inside its accept token) and then echoes bytes that look like
+/// HTTP/2 gives one HTTP/1.1 span for the `101` and no HTTP/2 span, and every byte comes back
+/// as it was sent.
+#[test]
+fn a_websocket_upgrade_is_not_taken_for_h2c() {
+    if !require_kernel() {
+        return;
+    }
+    let server = PyServer::start("backend.py");
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&[server.pid()]), Some(&receiver));
+    const CLIENT: &str = r#"
+import socket, sys
+payload = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]) + bytes([0, 0, 3, 1, 5, 0, 0, 0, 1, 0x82, 0x86, 0x84]) * 50
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /echo-upgrade HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+for _ in range(20):
+    s.sendall(payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        echoed += s.recv(65536)
+    assert echoed == payload, "echo differs"
+s.close()
+print(head.split(b"\r\n")[0].decode())
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", CLIENT, &server.port().to_string()])
+        .output()
+        .expect("run the upgrade client");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "HTTP/1.1 101 Switching Protocols\n");
+    receiver.wait_for(|spans| spans.iter().any(|s| s.is(SpanKind::Server, server.pid(), "/echo-upgrade")), SPAN_TIMEOUT);
+    std::thread::sleep(EXTRA_SPANS_WAIT);
+    let spans = receiver.spans();
+    let all = describe(&spans);
+    let switched: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.pid() == Some(server.pid())).collect();
+    assert_eq!(switched.len(), 1, "{all}");
+    assert_eq!(switched[0].attr_int("http.response.status_code"), Some(101), "{all}");
+    assert_eq!(switched[0].attr_str("network.protocol.version"), Some("1.1"), "{all}");
+    drop(agent);
+}
+
 #[test]
 fn h2load_200_requests_give_exactly_200_server_spans() {
     if !require_kernel() {
@@ -631,12 +724,11 @@ fn h2load_200_requests_give_exactly_200_server_spans() {
 /// curl (untraced) -> front (Python HTTP/1.1, its handler calls gRPC) -> Go gRPC server (its
 /// handler calls gRPC) -> Python gRPC server, the three hops traced by one agent. The front's
 /// call leaves from a grpcio thread, yet it is the child of the request the front serves, and it
-/// carries that context to the Go server; the Go server's call carries its own span to the Python
-/// server. What is not linked yet: the Go server's call to the request it serves. The kernel, which
-/// decides the injected ids, does not know the HTTP/2 requests a process serves (the agent
-/// decodes them), so that call starts a trace of its own (see the README's limits).
+/// carries that context to the Go server. The Go server's call, made from another goroutine than
+/// the one that read the request, is the child of the one call it serves and carries its own span
+/// to the Python server. One trace, every parent exact.
 #[test]
-fn a_chain_through_grpc_hops_is_linked_by_injected_context() {
+fn a_chain_through_grpc_hops_is_one_trace() {
     if !require_kernel() {
         return;
     }
@@ -663,6 +755,7 @@ fn a_chain_through_grpc_hops_is_linked_by_injected_context() {
     let links = [
         (&front_server, front_client, "front CLIENT under the front SERVER"),
         (front_client, go_server, "Go SERVER under the front's CLIENT"),
+        (go_server, go_client, "Go CLIENT under the Go SERVER"),
         (go_client, python_server, "Python SERVER under the Go CLIENT"),
     ];
     for (parent, child, what) in links {
@@ -674,6 +767,50 @@ fn a_chain_through_grpc_hops_is_linked_by_injected_context() {
     let at_python = &chain.python.wait_received(1)[0];
     assert_eq!(at_python.traceparent, [format!("00-{}-{}-01", go_client.trace_id, go_client.span_id)]);
     drop(agent);
+}
+
+/// A gRPC server's own calls are children of the call it serves, whichever thread makes them: the
+/// kernel follows the server's HTTP/2 frames, so while it serves exactly one call, a call it makes
+/// carries that one's context. While it serves two at once it cannot tell which one a call is
+/// for, and guesses nothing: those calls start traces of their own.
+fn serving_scenario(middle: Runtime, downstream: Runtime) {
+    let backend = downstream.server(&ServerOptions::new().echoing_metadata());
+    let server = middle.server(&ServerOptions::new().calling(Downstream::Grpc(backend.target())));
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&[server.pid(), backend.pid()]), Some(&receiver));
+    let what = format!("{middle:?} server calling a {downstream:?} server");
+
+    let one_at_a_time: Vec<GrpcCall> = (0..3).map(|i| GrpcCall::unary(Payload::Text(format!("one {i}")))).collect();
+    let results = Runtime::Python.call(&server.target(), &one_at_a_time, Concurrency::Sequential);
+    assert!(results.iter().all(|r| r.code == 0), "{what}: {results:?}\n{}", server.stderr());
+    let served = exactly_rpc_spans(&receiver, server.pid(), SpanKind::Server, 3);
+    let calls = exactly_rpc_spans(&receiver, server.pid(), SpanKind::Client, 3);
+    let at_backend = exactly_rpc_spans(&receiver, backend.pid(), SpanKind::Server, 3);
+    let all = describe(&receiver.spans());
+    for ((serving, call), downstream_span) in served.iter().zip(&calls).zip(&at_backend) {
+        assert_eq!((&call.trace_id, &call.parent_span_id), (&serving.trace_id, &serving.span_id), "{what}:\n{all}");
+        assert_eq!((&downstream_span.trace_id, &downstream_span.parent_span_id), (&call.trace_id, &call.span_id), "{what}:\n{all}");
+    }
+
+    // Both handlers wait before calling, so both calls are served when either calls out.
+    let overlapping: Vec<GrpcCall> =
+        (0..2).map(|i| GrpcCall::unary(Payload::Text(format!("two {i}"))).delayed(Duration::from_millis(300))).collect();
+    let results = Runtime::Python.call(&server.target(), &overlapping, Concurrency::Concurrent);
+    assert!(results.iter().all(|r| r.code == 0), "{what}: {results:?}\n{}", server.stderr());
+    let calls = exactly_rpc_spans(&receiver, server.pid(), SpanKind::Client, 5);
+    let all = describe(&receiver.spans());
+    for call in &calls[3..] {
+        assert!(call.is_root(), "{what}: a call made while two were served has no parent to guess:\n{all}");
+    }
+    drop(agent);
+}
+
+#[test]
+fn a_grpc_server_s_calls_are_children_of_the_one_call_it_serves() {
+    if require_kernel() {
+        serving_scenario(Runtime::Go, Runtime::Python);
+        serving_scenario(Runtime::Python, Runtime::Go);
+    }
 }
 
 /// A traced client's calls carry the CLIENT span's context to the server in a `traceparent` it

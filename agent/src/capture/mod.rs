@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use zerotel_abi::{
     user::{decode, Event},
-    ConnCloseEvent, ConnOpenEvent, DataMeta, H2InjectedEvent, PgMessageHead, ProcessEvent, SpanIds, StreamChunkHead,
+    ConnCloseEvent, ConnOpenEvent, DataMeta, H2StreamIdsEvent, PgMessageHead, ProcessEvent, SpanIds, StreamChunkHead,
 };
 
 use crate::telemetry::Telemetry;
@@ -33,8 +33,8 @@ pub enum CapturedEvent {
     PgMessage { head: PgMessageHead, body: Vec<u8> },
     /// A piece of a stream-captured (Kafka) connection's bytes.
     StreamChunk { head: StreamChunkHead, data: Vec<u8> },
-    /// The ids sk_msg injected into an HTTP/2 request.
-    H2Injected(H2InjectedEvent),
+    /// The ids the kernel decided for an HTTP/2 stream (`header.kind` says which end).
+    H2StreamIds(H2StreamIdsEvent),
 }
 
 impl From<Event<'_>> for CapturedEvent {
@@ -47,7 +47,7 @@ impl From<Event<'_>> for CapturedEvent {
             Event::ProcessExit(e) => Self::ProcessExit(e),
             Event::PgMessage(head, body) => Self::PgMessage { head, body: body.to_vec() },
             Event::StreamChunk(head, data) => Self::StreamChunk { head, data: data.to_vec() },
-            Event::H2Injected(e) => Self::H2Injected(e),
+            Event::H2StreamIds(e) => Self::H2StreamIds(e),
         }
     }
 }

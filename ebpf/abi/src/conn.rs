@@ -64,6 +64,40 @@ pub struct ConnState {
     pub pg: [PgStream; 2],
     /// HTTP/2 client, outgoing: where the frames stand for `traceparent` injection.
     pub h2_out: H2Outgoing,
+    /// HTTP/2 server: where the frames stand, and which requests are being served.
+    pub h2_server: H2Serving,
+}
+
+/// What the kernel follows of a traced HTTP/2 server's connection (in its stream chunks): the
+/// streams its client opened and the server has not ended yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Serving {
+    /// Per [`direction`]: where the frames stand.
+    pub frames: [FrameCursor; 2],
+    /// Streams opened and not ended yet, also counted in the process's `PROCESS_SERVING` entry
+    /// (changed atomically: the connection's reads and writes may run at once).
+    pub open: u64,
+    /// The highest stream id a request used: a larger one opens a stream.
+    pub last_stream: u32,
+    /// Bytes went unseen: the frames cannot be followed, and no stream is counted any more.
+    pub lost: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a walk over HTTP/2 frames stands between two chunks of one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCursor {
+    /// Stream offset of the next byte the walk expects: a chunk starting elsewhere means bytes
+    /// were not seen.
+    pub next: u64,
+    /// Bytes of the current frame still to come before the next frame header.
+    pub skip: u32,
+    /// The first bytes of a frame header split between two chunks, and how many.
+    pub held: [u8; 9],
+    pub held_len: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Where a traced HTTP/2 client's outgoing frames stand between two sends (kept by sk_msg).

@@ -18,14 +18,19 @@ pub mod kind {
     /// A piece of a connection's byte stream, for protocols the agent frames itself (Kafka): a
     /// [`super::StreamChunkHead`] and `captured` bytes.
     pub const STREAM_CHUNK: u32 = 8;
-    /// sk_msg put a `traceparent` into a traced client's HTTP/2 request: [`super::H2InjectedEvent`].
+    /// sk_msg put a `traceparent` into a traced client's HTTP/2 request: [`super::H2StreamIdsEvent`]
+    /// with its CLIENT span's ids.
     pub const H2_INJECTED: u32 = 9;
+    /// A traced HTTP/2 server read a request's HEADERS frame: [`super::H2StreamIdsEvent`] with
+    /// its SERVER span's ids (the parent of what the process sends while it serves only this one).
+    pub const H2_SERVED: u32 = 10;
 }
 
-/// The ids sk_msg injected into the HEADERS frame opening `stream_id`: the CLIENT span's.
+/// The ids the kernel decided for the HTTP/2 stream `stream_id` ([`kind::H2_INJECTED`],
+/// [`kind::H2_SERVED`]); sent before the stream's bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct H2InjectedEvent {
+pub struct H2StreamIdsEvent {
     pub header: EventHeader,
     pub conn_id: u64,
     pub stream_id: u32,

@@ -1,7 +1,7 @@
 //! Userspace-only parts: aya `Pod` impls and decoding of ring-buffer records.
 
 use crate::{
-    ConnCloseEvent, ConnOpenEvent, ConnState, DataEvent, DataMeta, EventHeader, H2InjectedEvent, KernelOffsets,
+    ConnCloseEvent, ConnOpenEvent, ConnState, DataEvent, DataMeta, EventHeader, H2StreamIdsEvent, KernelOffsets,
     PgMessageHead, ProcessEvent, SpanIds, StreamChunkHead, kind, PG_BODY, STREAM_CHUNK_BYTES,
 };
 
@@ -25,8 +25,8 @@ pub enum Event<'a> {
     PgMessage(PgMessageHead, &'a [u8]),
     /// A piece of a stream-captured connection's bytes.
     StreamChunk(StreamChunkHead, &'a [u8]),
-    /// Ids injected into an HTTP/2 request.
-    H2Injected(H2InjectedEvent),
+    /// Ids the kernel decided for an HTTP/2 stream (injected into a request, or a served one's).
+    H2StreamIds(H2StreamIdsEvent),
 }
 
 /// Why a record could not be decoded.
@@ -68,7 +68,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::DATA => decode_data(bytes),
         kind::PG_MESSAGE => decode_pg(bytes),
         kind::STREAM_CHUNK => decode_chunk(bytes),
-        kind::H2_INJECTED => read(bytes, header.kind).map(Event::H2Injected),
+        kind::H2_INJECTED | kind::H2_SERVED => read(bytes, header.kind).map(Event::H2StreamIds),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

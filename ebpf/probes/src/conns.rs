@@ -222,6 +222,8 @@ fn try_enter_close(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: copied out before removal.
     let state = unsafe { CONNS.get(key) }.copied().ok_or(0i32)?;
     CONNS.remove(key)?;
+    // Its HTTP/2 streams end with it.
+    crate::context::requests_done(tgid, state.h2_server.open);
     let Some(mut entry) = EVENTS.reserve::<ConnCloseEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);
         return Ok(());

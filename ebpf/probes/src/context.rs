@@ -19,16 +19,9 @@ const SCAN_LIMIT: usize = MAX_CAPTURE - HEADER.len() - VALUE_LEN - 2;
 /// the BPF stack is too small for copies); the thread now serves it.
 #[inline(always)]
 pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: &mut SpanIds) {
-    ids.span_id = random_span_id();
-    ids.valid = 1;
-    if parse_traceparent(head, len, ids) {
-        ids.flags = sampler().flags(&ids.trace_id, Some(ids.flags));
-    } else {
-        ids.trace_id = random_trace_id();
-        ids.parent_id = [0; 8];
-        ids.flags = sampler().flags(&ids.trace_id, None);
-    }
-    let context = ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] };
+    let continued = parse_traceparent(head, len, ids);
+    server_ids(ids, continued);
+    let context = thread_context(ids);
     // SAFETY: only compared against None.
     let was_serving = unsafe { THREAD_CONTEXT.get(&pid_tgid) }.is_some();
     if THREAD_CONTEXT.insert(pid_tgid, context, 0).is_ok() {
@@ -36,21 +29,79 @@ pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: 
     }
 }
 
-/// Note the request a thread of `tgid` now serves (`one_more`: a thread that served none).
+/// Complete a SERVER span's `ids`: a child of the caller when `continued` (trace id, parent and
+/// flags parsed into `ids`), else the root of a new trace.
+#[inline(always)]
+pub fn server_ids(ids: &mut SpanIds, continued: bool) {
+    ids.span_id = random_span_id();
+    ids.valid = 1;
+    if continued {
+        ids.flags = sampler().flags(&ids.trace_id, Some(ids.flags));
+    } else {
+        ids.trace_id = random_trace_id();
+        ids.parent_id = [0; 8];
+        ids.flags = sampler().flags(&ids.trace_id, None);
+    }
+}
+
+#[inline(always)]
+fn thread_context(ids: &SpanIds) -> ThreadContext {
+    ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] }
+}
+
+/// A traced process started serving the HTTP/2 request with these SERVER span ids (no thread
+/// of its own serves it: see `http2_server`).
+#[inline(always)]
+pub fn stream_served(tgid: u32, ids: &SpanIds) {
+    process_serves(tgid, thread_context(ids), true);
+}
+
+/// Note the request a thread of `tgid` now serves (`one_more`: false when a thread already
+/// serving one moved on to the next without answering).
+///
+/// The context is kept only while it is the only request: when another one starts meanwhile,
+/// the process is not "alone" again until its count drops to zero, so the fallback never
+/// names a request that already ended. (Two requests starting within the same few instructions
+/// on two CPUs can still race here; both then count, which turns the fallback off.)
 #[inline(always)]
 fn process_serves(tgid: u32, context: ThreadContext, one_more: bool) {
     if let Some(serving) = PROCESS_SERVING.get_ptr_mut(&tgid) {
         // SAFETY: a live map value; the count is only ever changed atomically.
         unsafe {
-            (*serving).context = context;
             if one_more {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).threads, 1);
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).requests, 1);
+            }
+            if core::ptr::read_volatile(&raw const (*serving).requests) == 1 {
+                (*serving).context = context;
+            } else {
+                (*serving).alone = 0;
+            }
+            if one_more && core::ptr::read_volatile(&raw const (*serving).requests) == 1 {
+                (*serving).alone = 1;
             }
         }
         return;
     }
-    let serving = ProcessServing { threads: u64::from(one_more), context };
+    let serving = ProcessServing { requests: u64::from(one_more), alone: 1, context };
     let _ = PROCESS_SERVING.insert(&tgid, &serving, 0);
+}
+
+/// `count` requests `tgid` served ended (their threads answered, their streams ended).
+#[inline(always)]
+pub fn requests_done(tgid: u32, count: u64) {
+    if count == 0 {
+        return;
+    }
+    if let Some(serving) = PROCESS_SERVING.get_ptr_mut(&tgid) {
+        // SAFETY: a live map value; the count is only ever changed atomically (adding the two's
+        // complement subtracts). A race at the bound can wrap it, which only turns the fallback
+        // off for that process, never gives a wrong parent.
+        unsafe {
+            if (*serving).requests >= count {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).requests, count.wrapping_neg());
+            }
+        }
+    }
 }
 
 /// Decide the ids of a request a traced thread sends: a child of what it serves, else a new trace.
@@ -91,24 +142,14 @@ pub fn sent_request(pid_tgid: u64, ids: &mut SpanIds) {
 fn only_request_of(tgid: u32) -> Option<&'static ThreadContext> {
     // SAFETY: a live map value, read field by field.
     let serving = unsafe { PROCESS_SERVING.get(&tgid) }?;
-    (serving.threads == 1).then_some(&serving.context)
+    (serving.requests == 1 && serving.alone == 1).then_some(&serving.context)
 }
 
 /// The thread answered its request (or ended): what it sends next is no longer part of that trace.
 #[inline(always)]
 pub fn server_responded(pid_tgid: u64) {
-    if THREAD_CONTEXT.remove(&pid_tgid).is_err() {
-        return;
-    }
-    if let Some(serving) = PROCESS_SERVING.get_ptr_mut(&((pid_tgid >> 32) as u32)) {
-        // SAFETY: a live map value; the count is only ever changed atomically (adding u64::MAX
-        // subtracts one). A race at 1 can wrap it, which only turns the fallback off for that
-        // process, never gives a wrong parent.
-        unsafe {
-            if (*serving).threads > 0 {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*serving).threads, u64::MAX);
-            }
-        }
+    if THREAD_CONTEXT.remove(&pid_tgid).is_ok() {
+        requests_done((pid_tgid >> 32) as u32, 1);
     }
 }
 
@@ -160,14 +201,15 @@ fn load_u32(head: &[u8; MAX_CAPTURE], at: usize) -> u32 {
     unsafe { core::ptr::read_unaligned(head.as_ptr().add(at).cast::<u32>()) }
 }
 
-/// `[ ]00-<32 hex>-<16 hex>-<2 hex>` into `ids`; false (ids half-written) when invalid.
+/// `[ ]00-<32 hex>-<16 hex>-<2 hex>` at `at` into `ids`; false (ids half-written) when invalid.
+/// `N` is a power of two: indexes are masked with it, for the verifier.
 #[inline(always)]
-fn parse_value(head: &[u8; MAX_CAPTURE], mut at: usize, ids: &mut SpanIds) -> bool {
-    if head[at % MAX_CAPTURE] == b' ' {
+pub fn parse_value<const N: usize>(head: &[u8; N], mut at: usize, ids: &mut SpanIds) -> bool {
+    if head[at % N] == b' ' {
         at += 1;
     }
-    let byte = |pos: usize| hex_byte(head[pos % MAX_CAPTURE], head[(pos + 1) % MAX_CAPTURE]);
-    let dash = |pos: usize| head[pos % MAX_CAPTURE] == b'-';
+    let byte = |pos: usize| hex_byte(head[pos % N], head[(pos + 1) % N]);
+    let dash = |pos: usize| head[pos % N] == b'-';
     if byte(at) != Some(0) || !dash(at + 2) || !dash(at + 35) || !dash(at + 52) {
         return false;
     }

@@ -11,6 +11,7 @@
 
 mod classify;
 mod conns;
+mod http2_server;
 mod kafka;
 mod context;
 mod maps;
@@ -20,6 +21,7 @@ mod propagation;
 mod propagation_h2;
 mod stream;
 mod syscalls;
+mod upgrade;
 
 #[cfg(not(test))]
 #[panic_handler]

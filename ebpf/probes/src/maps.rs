@@ -36,13 +36,16 @@ pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
 pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
     LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
 
-/// What a process serves: how many of its threads serve a request now, and the request one of
-/// them started last. When exactly one does, a request the process sends from another thread
-/// (client libraries with their own I/O threads, thread pools) is that request's child.
+/// What a process serves: how many requests now, and the one that started when it served none.
+/// While that one is all it serves, a request the process sends from another thread (client
+/// libraries with their own I/O threads, thread pools, HTTP/2 servers) is that request's child.
 #[repr(C)]
 pub struct ProcessServing {
-    /// Threads with a THREAD_CONTEXT entry; updated atomically, never trusted beyond "is it 1".
-    pub threads: u64,
+    /// Threads with a THREAD_CONTEXT entry plus open HTTP/2 server streams; updated atomically,
+    /// never trusted beyond "is it 1".
+    pub requests: u64,
+    /// 1 while `context` has been the only request since it started.
+    pub alone: u64,
     pub context: ThreadContext,
 }
 
@@ -50,6 +53,23 @@ pub struct ProcessServing {
 #[map]
 pub static PROCESS_SERVING: LruHashMap<u32, ProcessServing> =
     LruHashMap::with_max_entries(limits::SERVING_PROCESSES, BPF_F_NO_COMMON_LRU);
+
+/// Key of `H2_SERVER_STREAMS`.
+#[repr(C)]
+pub struct H2StreamKey {
+    pub conn_id: u64,
+    pub stream_id: u64,
+}
+
+/// HTTP/2 streams traced servers are serving (`http2_server`), so each ends, and is uncounted,
+/// once. LRU: a forgotten stream only keeps its process from counting as serving one.
+#[map]
+pub static H2_SERVER_STREAMS: LruHashMap<H2StreamKey, u8> =
+    LruHashMap::with_max_entries(limits::H2_SERVER_STREAMS, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU state of the HTTP/2 server frame walk (`http2_server`).
+#[map]
+pub static H2_FRAMES: PerCpuArray<crate::http2_server::Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Connections traced processes are opening, by socket cookie, until established (`propagation`).
 #[map]
@@ -92,6 +112,10 @@ pub static H2_WALK: PerCpuArray<crate::propagation_h2::Walk> = PerCpuArray::with
 /// Per-CPU copy of an HTTP/2 header block being scanned (`propagation_h2`).
 #[map]
 pub static H2_BLOCK: PerCpuArray<crate::propagation_h2::BlockCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU copy of a `101` answer's head (`upgrade`).
+#[map]
+pub static UPGRADE_HEAD: PerCpuArray<crate::upgrade::Head> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch word: where `propagation::scan_head` found the request line's end.
 #[map]

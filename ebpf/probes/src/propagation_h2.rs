@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_msg_pull_data, bpf_probe_read_kernel},
     programs::SkMsgContext,
 };
-use zerotel_abi::{counters, h2_out, kind, ConnState, H2InjectedEvent, H2Outgoing, SpanIds};
+use zerotel_abi::{counters, h2_out, kind, ConnState, H2StreamIdsEvent, H2Outgoing, SpanIds};
 
 use crate::{
     context,
@@ -414,8 +414,8 @@ fn pull(ctx: &SkMsgContext, start: u32, end: u32) -> bool {
 #[inline(always)]
 fn report(pid_tgid: u64, conn_id: u64, stream_id: u32, ids: SpanIds) {
     let event =
-        H2InjectedEvent { header: header(kind::H2_INJECTED, pid_tgid), conn_id, stream_id, _pad: 0, ids };
-    match EVENTS.output::<H2InjectedEvent>(&event, 0) {
+        H2StreamIdsEvent { header: header(kind::H2_INJECTED, pid_tgid), conn_id, stream_id, _pad: 0, ids };
+    match EVENTS.output::<H2StreamIdsEvent>(&event, 0) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
         Err(_) => count(counters::EVENTS_LOST),
     }

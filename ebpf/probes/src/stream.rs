@@ -1,4 +1,4 @@
-//! Whole-stream capture for protocols the agent frames itself (Kafka): a syscall's bytes, up to
+//! Whole-stream capture for protocols the agent frames itself (Kafka, HTTP/2): a syscall's bytes, up to
 //! `STREAM_SYSCALL_CAP`, go to the agent in stream chunk records, across every iovec. Pieces of
 //! iovecs are packed into chunks of `STREAM_CHUNK_BYTES` (librdkafka sends one iovec per message
 //! value: a thousand tiny pieces per request). The copy loop runs in `bpf_loop` with its state in
@@ -10,9 +10,12 @@ use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{bpf_loop, bpf_probe_read_user},
 };
-use zerotel_abi::{buffer, counters, kind, ConnState, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
+use zerotel_abi::{buffer, counters, kind, protocol, role, ConnState, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
 
-use crate::maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK};
+use crate::{
+    http2_server,
+    maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK},
+};
 
 /// Loop iterations per syscall: one per iovec piece. Sends hold at most 1024 iovecs (UIO_MAXIOV)
 /// and a piece ends at a chunk boundary at most once per chunk of the cap.
@@ -25,7 +28,7 @@ const CHUNK: u64 = STREAM_CHUNK_BYTES as u64;
 #[repr(C)]
 pub struct Scratch {
     head: StreamChunkHead,
-    data: [u8; 2 * STREAM_CHUNK_BYTES],
+    pub data: [u8; 2 * STREAM_CHUNK_BYTES],
 }
 
 /// Where the copy of one syscall's bytes stands.
@@ -42,12 +45,16 @@ pub struct Walk {
     left: u64,
     /// Bytes still to copy (at most the cap).
     remaining: u64,
+    /// The connection's `CONNS` key, and 1 when it is a traced HTTP/2 server's whose frames
+    /// `http2_server` follows.
+    conn_key: u64,
+    h2_server: u64,
 }
 
 /// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`); the last
 /// record goes with `wakeup` flags, the others never wake the agent.
 #[inline(always)]
-pub fn capture(call: &InFlight, conn: &ConnState, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
+pub fn capture(call: &InFlight, key: u64, conn: &ConnState, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
     let Some(walk) = STREAM_WALK.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU value no one else uses while this program runs.
     let walk = unsafe { &mut *walk };
@@ -81,6 +88,8 @@ pub fn capture(call: &InFlight, conn: &ConnState, len: u64, offset: u64, header:
         base,
         left,
         remaining: if len < STREAM_SYSCALL_CAP { len } else { STREAM_SYSCALL_CAP },
+        conn_key: key,
+        h2_server: u64::from(conn.protocol == protocol::HTTP2 && conn.role == role::SERVER),
     };
     // SAFETY: a helper call; `step` finds its state in STREAM_WALK.
     unsafe {
@@ -162,6 +171,9 @@ fn flush(walk: &mut Walk, flags: u64) -> bool {
     let size = if walk.fill > CHUNK { CHUNK } else { walk.fill };
     scratch.head = walk.head;
     scratch.head.captured = size as u16;
+    if walk.h2_server != 0 {
+        http2_server::on_chunk(walk.conn_key, &walk.head, size);
+    }
     walk.head.offset += size;
     walk.fill = 0;
     let total = core::mem::size_of::<StreamChunkHead>() + size as usize;

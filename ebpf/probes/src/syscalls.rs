@@ -16,7 +16,7 @@ use crate::{
     classify::{is_http2_preface, is_http2_server_preface, is_http_request_start, is_http_response_start, is_http_start},
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
-    kafka, postgres, stream,
+    kafka, postgres, stream, upgrade,
     maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
 };
 
@@ -25,6 +25,8 @@ use crate::{
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
 const ARG1: usize = ENTER_ARG0 + 8;
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: u32 = 24;
 const ARG2: usize = ENTER_ARG0 + 16;
 
 /// Remember the call if `fd` is a tracked connection that may carry HTTP.
@@ -151,10 +153,23 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if conn.protocol == protocol::KAFKA || conn.protocol == protocol::HTTP2 {
-        stream::capture(&call, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        stream::capture(&call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
         return Ok(());
     }
     if conn.protocol != protocol::HTTP1 {
+        return Ok(());
+    }
+    let answer = if conn.role == role::SERVER { direction::EGRESS } else { direction::INGRESS };
+    if call.direction == answer && is_http_response_start(&prefix) && upgrade::is_h2c_switch(data, avail) {
+        // HTTP/2 from this answer's bytes on. Its frames start mid-stream, after the answer's
+        // head: the kernel does not follow them (`http2_server`), the agent does.
+        conn.protocol = protocol::HTTP2;
+        conn.h2_server.lost = 1;
+        conn.request_outstanding = 0;
+        if conn.role == role::SERVER {
+            context::server_responded(pid_tgid);
+        }
+        stream::capture(&call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
         return Ok(());
     }
     let capture = avail > 0 && (is_http_start(&prefix) || conn.capture_next[dir] != 0);
@@ -195,7 +210,9 @@ fn classify(conn: &mut ConnState, prefix: &[u8; 8], dir: u8) -> u8 {
         && (is_http2_preface(prefix)
             || (conn.role == role::SERVER && dir == direction::EGRESS && is_http2_server_preface(prefix)))
     {
-        // Only from the prefaces on: HPACK state cannot be picked up mid-connection.
+        // Only from the prefaces on: HPACK state cannot be picked up mid-connection. A server's
+        // first frame follows the client's preface (`http2_server` walks frames).
+        conn.h2_server.frames[direction::INGRESS as usize].skip = PREFACE_LEN;
         protocol::HTTP2
     } else if conn.role != role::CLIENT {
         // A traced PostgreSQL server: its clients' spans are what users want; nothing to report.

@@ -38,6 +38,10 @@ impl Side {
         Self { framer: Framer::new(flow == Flow::ToServer), decoder: Decoder::default(), block: HeaderBlock::default() }
     }
 
+    fn upgraded(flow: Flow) -> Self {
+        Self { framer: Framer::upgraded(flow == Flow::ToServer), decoder: Decoder::default(), block: HeaderBlock::default() }
+    }
+
     fn lost() -> Self {
         Self { framer: Framer::lost(), decoder: Decoder::default(), block: HeaderBlock::default() }
     }
@@ -70,6 +74,17 @@ impl H2Connection {
             closed: false,
             truncated_blocks: 0,
         }
+    }
+
+    /// A connection upgraded from HTTP/1.1 (`Upgrade: h2c`), from the `101` answer on. Stream 1 is
+    /// the request that asked for it (sent whole, at `start_ns`), when it is known.
+    pub fn upgraded(role: Role, request: Option<(Headers, u64)>) -> Self {
+        let mut connection = Self::new(role);
+        connection.sides = [Side::upgraded(Flow::ToServer), Side::upgraded(Flow::ToClient)];
+        if let Some((request, start_ns)) = request {
+            connection.streams.adopt(1, request, start_ns);
+        }
+        connection
     }
 
     /// Feeds a piece; events it completes are appended to `out`.
@@ -407,7 +422,7 @@ mod tests {
     use crate::protocols::{
         http2::{
             captures::{
-                block, capture, frame, integer, plan, replay, replay_pieces, syscalls, whole, PlannedPiece, Script,
+                block, capture, frame, integer, plan, push_all, replay, replay_pieces, syscalls, whole, PlannedPiece, Script,
                 Syscall, CAPTURES,
             },
             frames::{HEADER_LEN, PREFACE},
@@ -867,6 +882,55 @@ mod tests {
 
     fn rst(stream_id: u32, error_code: u32) -> Vec<u8> {
         frame(kind::RST_STREAM, 0, stream_id, &error_code.to_be_bytes())
+    }
+
+    /// An h2c upgrade, from either end: the server's bytes start with its `101` answer (split
+    /// across two syscalls here), the client's HTTP/2 bytes with the preface after its HTTP/1.1
+    /// request (80 bytes); the request that asked is stream 1.
+    #[test]
+    fn an_upgraded_connection_goes_on_from_the_101_with_stream_1() {
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+        let settings = frame(kind::SETTINGS, 0, 0, &[]);
+        let body = frame(kind::DATA, flag::END_STREAM, 1, b"hello");
+        let to_client = [&answer[..], &settings, &response(1, "200", false), &body].concat();
+        let to_server = [PREFACE, &settings, &request(3, "/second", true)].concat();
+        let second = response(3, "204", true);
+        let asked = fields(&[(":method", "GET"), (":scheme", "http"), (":path", "/first"), (":authority", "h:1")]);
+        for role in [Role::Client, Role::Server] {
+            let client = role == Role::Client;
+            let piece = |outgoing: bool, offset: usize, bytes: &[u8], at: u64| PlannedPiece {
+                outgoing,
+                offset: offset as u64,
+                bytes: bytes.to_vec(),
+                syscall_end: (offset + bytes.len()) as u64,
+                start_ns: at,
+                end_ns: at + 5,
+            };
+            let pieces = [
+                piece(!client, 0, &to_client[..20], 100),
+                piece(!client, 20, &to_client[20..], 110),
+                piece(client, 80, &to_server, 120),
+                piece(!client, to_client.len(), &second, 130),
+            ];
+            let mut connection = H2Connection::upgraded(role, Some((asked.clone(), 50)));
+            let out = push_all(&mut connection, &pieces);
+            assert_eq!(
+                summaries(&out),
+                [
+                    "end 1 GET /first -> 200 req=0 resp=5 Complete",
+                    "start 3 GET /second",
+                    "end 3 GET /second -> 204 req=0 resp=0 Complete"
+                ],
+                "{role:?}"
+            );
+            assert_eq!((ended(&out)[0].start_ns, connection.desyncs()), (50, 0), "{role:?}");
+        }
+        // A server that never ends its answer's head is not speaking HTTP/2.
+        let mut connection = H2Connection::upgraded(Role::Client, None);
+        let endless = [&b"HTTP/1.1 101 Switching Protocols\r\n"[..], &vec![b'x'; 9000]].concat();
+        let out = push_all(&mut connection, &[PlannedPiece { outgoing: false, offset: 0, syscall_end: 9034, bytes: endless, start_ns: 1, end_ns: 2 }]);
+        assert!(out.is_empty());
+        assert_eq!(connection.desync_reason(), Some(&Desync::UpgradeAnswerTooLong));
     }
 
     #[test]

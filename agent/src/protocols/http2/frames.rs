@@ -103,6 +103,9 @@ pub struct Frame<'a> {
     pub end_ns: u64,
 }
 
+/// A `101` answer head longer than this is not HTTP/1.1 switching to h2c.
+const MAX_UPGRADE_ANSWER: usize = 8 << 10;
+
 /// Where a direction's frames go; an error stops the framing for good.
 pub trait FrameSink {
     fn frame(&mut self, frame: Frame<'_>) -> Result<(), Desync>;
@@ -113,6 +116,12 @@ enum State {
     /// The client preface, of which `seen` bytes matched.
     Preface {
         seen: usize,
+    },
+    /// An upgraded connection's `101` answer head, `seen` bytes of it so far, the last four in
+    /// `tail`: the server's frames follow its blank line.
+    UpgradeAnswer {
+        seen: usize,
+        tail: [u8; 4],
     },
     /// A frame header, of which `seen` bytes are in `bytes`.
     Header {
@@ -148,6 +157,8 @@ struct LastSyscall {
 pub struct Framer {
     /// Stream offset of the next byte expected.
     next: u64,
+    /// HTTP/2 starts at this direction's first piece rather than at offset 0 (HTTP/1.1 Upgrade).
+    upgraded: bool,
     /// None before the first piece.
     last_syscall: Option<LastSyscall>,
     state: State,
@@ -158,12 +169,19 @@ impl Framer {
     /// A direction seen from its first byte; the client's starts with the preface.
     pub fn new(preface: bool) -> Self {
         let state = if preface { State::Preface { seen: 0 } } else { header_start() };
-        Self { next: 0, last_syscall: None, state, kept: Vec::new() }
+        Self { next: 0, upgraded: false, last_syscall: None, state, kept: Vec::new() }
+    }
+
+    /// A direction of a connection upgraded from HTTP/1.1 (RFC 7540 §3.2), from its first piece
+    /// after the switch: the client's starts with the preface, the server's with its `101` answer.
+    pub fn upgraded(preface: bool) -> Self {
+        let state = if preface { State::Preface { seen: 0 } } else { State::UpgradeAnswer { seen: 0, tail: [0; 4] } };
+        Self { next: 0, upgraded: true, last_syscall: None, state, kept: Vec::new() }
     }
 
     /// A direction no longer framed.
     pub fn lost() -> Self {
-        Self { next: 0, last_syscall: None, state: State::Lost, kept: Vec::new() }
+        Self { next: 0, upgraded: false, last_syscall: None, state: State::Lost, kept: Vec::new() }
     }
 
     /// Whether a piece came.
@@ -187,7 +205,10 @@ impl Framer {
         let syscall_end = piece.syscall_end.max(piece.offset.saturating_add(piece.bytes.len() as u64));
         let previous = self.last_syscall.replace(LastSyscall { end: syscall_end, end_ns: piece.end_ns });
         if previous.is_none() && piece.offset != 0 {
-            return Err(Desync::NotFromStart);
+            if !self.upgraded {
+                return Err(Desync::NotFromStart);
+            }
+            self.next = piece.offset;
         }
         // Bytes already accounted for (a repeated piece) are dropped.
         let already = self.next.saturating_sub(piece.offset);
@@ -221,7 +242,9 @@ impl Framer {
     /// Bytes up to `to` will never come.
     fn lose(&mut self, to: u64, previous: Option<LastSyscall>, sink: &mut impl FrameSink) -> Result<(), Desync> {
         match &mut self.state {
-            State::Preface { .. } | State::Header { .. } => return Err(Desync::LostFrameBoundary),
+            State::Preface { .. } | State::UpgradeAnswer { .. } | State::Header { .. } => {
+                return Err(Desync::LostFrameBoundary)
+            }
             State::Payload(partial) if to < partial.end => partial.cut = true,
             State::Payload(partial) => {
                 partial.cut = true;
@@ -244,6 +267,7 @@ impl Framer {
         while !bytes.is_empty() {
             let used = match self.state {
                 State::Preface { .. } => self.read_preface(bytes)?,
+                State::UpgradeAnswer { .. } => self.skip_upgrade_answer(bytes)?,
                 State::Header { .. } => self.read_header(bytes, times, sink)?,
                 State::Payload(_) => self.fill(bytes, times, sink)?,
                 State::Lost => 0,
@@ -255,6 +279,23 @@ impl Framer {
             bytes = bytes.get(used..).unwrap_or_default();
         }
         Ok(())
+    }
+
+    /// Skip the `101` answer's head, up to and including its blank line.
+    fn skip_upgrade_answer(&mut self, bytes: &[u8]) -> Result<usize, Desync> {
+        let State::UpgradeAnswer { seen, tail } = &mut self.state else { return Ok(0) };
+        for (used, &byte) in bytes.iter().enumerate() {
+            *tail = [tail[1], tail[2], tail[3], byte];
+            *seen += 1;
+            if *tail == *b"\r\n\r\n" {
+                self.state = header_start();
+                return Ok(used + 1);
+            }
+            if *seen > MAX_UPGRADE_ANSWER {
+                return Err(Desync::UpgradeAnswerTooLong);
+            }
+        }
+        Ok(bytes.len())
     }
 
     fn read_preface(&mut self, bytes: &[u8]) -> Result<usize, Desync> {

@@ -10,7 +10,8 @@
 //! next frame starts, and its payload is only counted), but a header block frame missing bytes, a
 //! lost frame boundary or an HPACK error desynchronises the connection for good: from then on it
 //! reports nothing, and streams still open are dropped rather than reported wrong. A connection
-//! first seen after its start, or upgraded from HTTP/1.1 (no client preface first), is never decoded.
+//! first seen after its start is never decoded. One upgraded from HTTP/1.1 (RFC 7540 §3.2) is
+//! decoded from the `101` answer on, its stream 1 being the request that asked for the upgrade.
 //! Bytes a syscall left uncaptured are known lost once the other direction's next syscall started
 //! after it returned (or at the close); a lost syscall shows only when its direction's next piece
 //! comes, and until then the other direction may end streams with what was seen.
@@ -153,6 +154,9 @@ pub enum Desync {
     /// The client's first bytes are not the HTTP/2 connection preface (not prior-knowledge h2c).
     #[error("no HTTP/2 client preface")]
     NoPreface,
+    /// An upgraded connection's `101` answer has no end to its head within bounds.
+    #[error("no end to the 101 answer's head")]
+    UpgradeAnswerTooLong,
     /// Bytes were lost where a frame header was: the framing is gone.
     #[error("bytes lost at a frame boundary")]
     LostFrameBoundary,

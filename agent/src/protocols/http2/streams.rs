@@ -38,6 +38,21 @@ struct OpenStream {
     response_body_bytes: u64,
 }
 
+impl OpenStream {
+    fn new(request: Headers, start_ns: u64, request_ended: bool) -> Self {
+        Self {
+            request,
+            response: None,
+            trailers: None,
+            start_ns,
+            request_ended,
+            response_end_ns: None,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct GoAway {
     last_stream_id: u32,
@@ -75,17 +90,14 @@ impl Streams {
             self.dropped += 1;
         }
         out.push(H2Event::RequestStarted { stream_id, request: request.clone(), start_ns });
-        let stream = OpenStream {
-            request,
-            response: None,
-            trailers: None,
-            start_ns,
-            request_ended: false,
-            response_end_ns: None,
-            request_body_bytes: 0,
-            response_body_bytes: 0,
-        };
-        self.open.insert(stream_id, stream);
+        self.open.insert(stream_id, OpenStream::new(request, start_ns, false));
+    }
+
+    /// Stream 1 of a connection upgraded from HTTP/1.1: the upgrade request, already sent whole
+    /// (and reported as it was sent).
+    pub fn adopt(&mut self, stream_id: u32, request: Headers, start_ns: u64) {
+        self.last_started = self.last_started.max(stream_id);
+        self.open.insert(stream_id, OpenStream::new(request, start_ns, true));
     }
 
     /// A request sent after the server's GOAWAY with a lower last stream id is not served.

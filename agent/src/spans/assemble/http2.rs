@@ -1,15 +1,17 @@
 //! HTTP/2: stream chunks -> streams -> one SERVER or CLIENT span per stream (gRPC calls by the
-//! RPC conventions). A SERVER stream continues the trace its headers carry and is what the
-//! process serves meanwhile; a CLIENT stream is the child of what its process serves.
+//! RPC conventions). Ids come from the kernel (H2_SERVED, H2_INJECTED) when it decided them;
+//! otherwise a SERVER stream continues the trace its headers carry and is what the process
+//! serves meanwhile, and a CLIENT stream is the child of what its process serves.
 
-use zerotel_abi::{direction, H2InjectedEvent, StreamChunkHead};
+use zerotel_abi::{direction, H2StreamIdsEvent, StreamChunkHead};
 
 use super::{Assembler, Described, Lineage, Serving, MAX_OPEN_EXCHANGES};
 
-/// Injected ids waiting for their stream's header block (reported before the send's bytes).
-const MAX_PENDING_INJECTED: usize = 65_536;
+/// Kernel ids waiting for their stream's header block (reported before its bytes).
+const MAX_PENDING_IDS: usize = 65_536;
 use crate::{
     context,
+    protocols::http1::RequestHead,
     protocols::http2::{H2Connection, H2Event, H2Stream, Headers, Piece, Role},
     spans::{
         http::Endpoint,
@@ -28,6 +30,9 @@ pub(super) struct OpenStream {
 
 impl Assembler {
     pub(super) fn on_h2_chunk(&mut self, head: &StreamChunkHead, data: &[u8]) {
+        if data.starts_with(b"HTTP/1.") && self.conns.get_mut(head.conn_id).is_some_and(|c| c.h2.is_none()) {
+            self.upgrade_to_h2(head.conn_id);
+        }
         let Some(conn) = self.conns.get_mut(head.conn_id) else { return };
         let role = if conn.is_server { Role::Server } else { Role::Client };
         let piece = Piece {
@@ -49,12 +54,29 @@ impl Assembler {
         self.flush_h2_events(head.conn_id, head.header.tid);
     }
 
-    /// sk_msg put `traceparent` into the HEADERS frame opening a stream: its CLIENT span has these ids.
-    pub(super) fn on_h2_injected(&mut self, e: &H2InjectedEvent) {
-        if self.h2_injected.len() >= MAX_PENDING_INJECTED {
-            self.h2_injected.clear();
+    /// The connection switched from HTTP/1.1 to h2c: its first HTTP/2 bytes are the server's
+    /// `101` answer. The exchange that asked for the switch goes on as stream 1.
+    fn upgrade_to_h2(&mut self, conn_id: u64) {
+        let asked = self.exchanges.keys().filter(|(c, _)| *c == conn_id).map(|&(_, id)| id).max();
+        let exchange = asked.and_then(|id| Some((id, self.exchanges.remove(&(conn_id, id))?)));
+        let Some(conn) = self.conns.get_mut(conn_id) else { return };
+        let role = if conn.is_server { Role::Server } else { Role::Client };
+        let request = exchange.as_ref().map(|(_, e)| (upgrade_request(&e.request), e.start_ns));
+        conn.h2 = Some(Box::new(H2Connection::upgraded(role, request)));
+        let Some((id, exchange)) = exchange else { return };
+        // Served until the `101`, as the kernel sees it.
+        self.serving.end(exchange.tid, conn_id, id);
+        let stream = OpenStream { lineage: exchange.lineage, span_id: exchange.span_id, tid: exchange.tid };
+        self.h2_streams.insert((conn_id, 1), stream);
+    }
+
+    /// The kernel decided a stream's ids: a CLIENT span's, injected into the HEADERS frame that
+    /// opened it, or a SERVER span's, decided when the server read that frame.
+    pub(super) fn on_h2_ids(&mut self, e: &H2StreamIdsEvent) {
+        if self.h2_ids.len() >= MAX_PENDING_IDS {
+            self.h2_ids.clear();
         }
-        self.h2_injected.insert((e.conn_id, e.stream_id), e.ids);
+        self.h2_ids.insert((e.conn_id, e.stream_id), e.ids);
     }
 
     /// The connection closed: its open streams end now.
@@ -80,10 +102,12 @@ impl Assembler {
             self.telemetry.exchanges_desynchronised.inc();
             return;
         }
-        let injected = if is_server { None } else { self.h2_injected.remove(&(conn_id, stream_id)) };
-        let (lineage, span_id) = match injected {
-            // The ids the request carries downstream.
-            Some(ids) => (Lineage::injected(&ids), ids.span_id),
+        let (lineage, span_id) = match self.h2_ids.remove(&(conn_id, stream_id)) {
+            // What the kernel decided (and maybe injected downstream, or gave the calls it makes).
+            Some(ids) => {
+                let remote = if is_server { rpc::remote_parent(request) } else { None };
+                (Lineage::from_kernel(&ids, remote, &self.sampler), ids.span_id)
+            }
             None if is_server => (Lineage::from_remote(rpc::remote_parent(request), &self.sampler), context::new_span_id()),
             None => (Lineage::from_serving(self.serving.parent_for(pid, tid), &self.sampler), context::new_span_id()),
         };
@@ -120,8 +144,22 @@ impl Assembler {
     /// Streams of a connection that went away without ending them.
     pub(super) fn forget_h2_streams(&mut self, conn_id: u64) {
         self.h2_streams.retain(|(c, _), _| *c != conn_id);
-        self.h2_injected.retain(|(c, _), _| *c != conn_id);
+        self.h2_ids.retain(|(c, _), _| *c != conn_id);
     }
+}
+
+/// The HTTP/1.1 request that asked for an upgrade, as stream 1's request header block.
+fn upgrade_request(head: &RequestHead) -> Headers {
+    let mut fields = vec![
+        (":method".to_string(), head.method.clone()),
+        (":scheme".to_string(), "http".to_string()),
+        (":path".to_string(), head.target.clone()),
+    ];
+    if let Some(host) = &head.host {
+        fields.push((":authority".to_string(), host.clone()));
+    }
+    fields.extend(head.context.iter().cloned());
+    Headers { fields }
 }
 
 /// HTTP/2 stream ids as `Serving::exchange` values, apart from HTTP/1 exchange numbers.

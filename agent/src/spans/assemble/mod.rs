@@ -61,21 +61,11 @@ impl Lineage {
         )
     }
 
-    /// Ids the kernel injected into an outgoing request, as they are.
-    fn injected(ids: &SpanIds) -> Self {
-        Self {
-            trace_id: ids.trace_id,
-            parent: (ids.parent_id != [0; 8]).then_some(ids.parent_id),
-            flags: ids.flags,
-            trace_state: String::new(),
-        }
-    }
-
-    /// The kernel's decision; tracestate still comes from the request's own header. The kernel
-    /// reads W3C version 00 only: a SERVER request whose parent only userspace understood (B3, a
-    /// later traceparent version) keeps that parent.
-    fn from_kernel(ids: &SpanIds, request: &RequestHead, is_server: bool, sampler: &Sampler) -> Self {
-        let remote = if is_server { context::extract(&request.context) } else { None };
+    /// The kernel's decision. `remote` is what userspace read from a SERVER request's headers
+    /// (None for a CLIENT request): its tracestate is kept, and when the kernel found no parent
+    /// (it reads W3C version 00 only, and of HTTP/2 only the plain literal zerotel injects) a
+    /// parent only userspace understood (B3, a later version, an HPACK-coded header) is kept.
+    fn from_kernel(ids: &SpanIds, remote: Option<RemoteParent>, sampler: &Sampler) -> Self {
         match remote {
             Some(parent) if ids.parent_id == [0; 8] => Self::from_remote(Some(parent), sampler),
             remote => Self {
@@ -215,8 +205,8 @@ pub struct Assembler {
     kafka_exchanges: Vec<crate::protocols::kafka::Exchange>,
     h2_events: Vec<crate::protocols::http2::H2Event>,
     h2_streams: FxHashMap<(u64, u32), http2::OpenStream>,
-    /// Ids the kernel injected into HTTP/2 requests, until their stream starts.
-    h2_injected: FxHashMap<(u64, u32), SpanIds>,
+    /// Ids the kernel decided for HTTP/2 streams (injected, or served), until their stream starts.
+    h2_ids: FxHashMap<(u64, u32), SpanIds>,
     spans: Vec<Span>,
 }
 
@@ -239,7 +229,7 @@ impl Assembler {
             kafka_exchanges: Vec::new(),
             h2_events: Vec::new(),
             h2_streams: FxHashMap::default(),
-            h2_injected: FxHashMap::default(),
+            h2_ids: FxHashMap::default(),
             spans: Vec::new(),
         }
     }
@@ -260,7 +250,7 @@ impl Assembler {
             CapturedEvent::PgMessage { head, body } => self.on_pg_message(&head, &body),
             CapturedEvent::StreamChunk { head, data } if head.protocol == protocol::HTTP2 => self.on_h2_chunk(&head, &data),
             CapturedEvent::StreamChunk { head, data } => self.on_stream_chunk(&head, &data),
-            CapturedEvent::H2Injected(e) => self.on_h2_injected(&e),
+            CapturedEvent::H2StreamIds(e) => self.on_h2_ids(&e),
         }
     }
 
@@ -469,7 +459,10 @@ impl Assembler {
         }
         let (lineage, span_id) = match kernel_ids {
             // The kernel decided at send/receive time; an injected header carries these ids.
-            Some(ids) => (Lineage::from_kernel(&ids, &request, is_server, &self.sampler), ids.span_id),
+            Some(ids) => {
+                let remote = if is_server { context::extract(&request.context) } else { None };
+                (Lineage::from_kernel(&ids, remote, &self.sampler), ids.span_id)
+            }
             None if is_server => {
                 (Lineage::from_remote(context::extract(&request.context), &self.sampler), context::new_span_id())
             }
