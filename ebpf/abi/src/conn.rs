@@ -80,7 +80,7 @@ pub struct H2Serving {
     pub open: u64,
     /// The highest stream id a request used: a larger one opens a stream.
     pub last_stream: u32,
-    /// Bytes went unseen: the frames cannot be followed, and no stream is counted any more.
+    /// Bytes went unseen: the frames cannot be followed; `open` stays counted until the close.
     pub lost: u8,
     pub _pad: [u8; 3],
 }

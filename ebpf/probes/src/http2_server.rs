@@ -73,7 +73,7 @@ pub fn on_chunk(key: u64, head: &StreamChunkHead, size: u64) {
         return;
     }
     if conn.h2_server.frames[dir].next != head.offset {
-        give_up(conn, pid_tgid); // bytes this walk never saw
+        give_up(conn); // bytes this walk never saw
         return;
     }
     conn.h2_server.frames[dir].next = head.offset + size;
@@ -89,16 +89,16 @@ pub fn on_chunk(key: u64, head: &StreamChunkHead, size: u64) {
     // SAFETY: a helper call; `step` finds its state in H2_FRAMES.
     unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0) };
     if walk.done == 0 {
-        give_up(conn, pid_tgid);
+        give_up(conn);
     }
 }
 
-/// The frames of this connection cannot be followed any more: stop counting its streams.
+/// The frames of this connection cannot be followed any more. Its open streams stay counted
+/// until it closes: their ends will not be seen, and a count too high only keeps the fallback
+/// off, where one too low could name a wrong parent.
 #[inline(always)]
-fn give_up(conn: &mut ConnState, pid_tgid: u64) {
+fn give_up(conn: &mut ConnState) {
     conn.h2_server.lost = 1;
-    context::requests_done((pid_tgid >> 32) as u32, conn.h2_server.open);
-    conn.h2_server.open = 0;
 }
 
 /// A frame header as read.

@@ -10,7 +10,7 @@ use zerotel_abi::{kind, limits::CGROUP_UNRECORDED, ProcessEvent};
 
 use crate::{
     conns::header,
-    maps::{count, is_traced, trace_all, EVENTS, TRACED_PIDS},
+    maps::{count, is_traced, trace_all, EVENTS, PROCESS_SERVING, TRACED_PIDS},
 };
 
 /// sched/sched_process_fork: `pid_t parent_pid` at 12, `pid_t child_pid` at 20. The child of a traced
@@ -82,6 +82,8 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     }
     let traced = is_traced(tgid);
     let _ = TRACED_PIDS.remove(tgid);
+    // A later process with this pid starts serving nothing.
+    let _ = PROCESS_SERVING.remove(&tgid);
     if traced || !trace_all() {
         emit(kind::PROCESS_EXIT);
     }
