@@ -34,10 +34,20 @@ pub fn remote_parent(request: &Headers) -> Option<context::RemoteParent> {
     context::extract(&trace_headers(request))
 }
 
+/// Trace-context headers, as the HTTP/1 parser keeps them.
+const TRACE_HEADERS: [&str; 8] =
+    ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"];
+
 fn trace_headers(request: &Headers) -> Vec<(String, String)> {
-    const NAMES: [&str; 8] =
-        ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"];
-    request.fields.iter().filter(|(name, _)| NAMES.contains(&name.as_str())).cloned().collect()
+    request.fields.iter().filter(|(name, _)| TRACE_HEADERS.contains(&name.as_str())).cloned().collect()
+}
+
+/// Whether spans read a header field of this name: pseudo-headers, the content type, the gRPC
+/// status, trace context. The HTTP/2 decoder keeps only these.
+pub fn field_used(name: &[u8]) -> bool {
+    name.first() == Some(&b':')
+        || matches!(name, b"content-type" | b"grpc-status")
+        || TRACE_HEADERS.iter().any(|known| known.as_bytes() == name)
 }
 
 pub fn describe(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote: Endpoint<'_>) -> RpcSpan {
@@ -123,6 +133,16 @@ mod tests {
 
     fn headers(fields: &[(&str, &str)]) -> Headers {
         Headers { fields: fields.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect() }
+    }
+
+    #[test]
+    fn the_decoder_keeps_the_fields_spans_read() {
+        for used in [":path", ":status", "content-type", "grpc-status", "traceparent", "tracestate", "b3", "x-b3-sampled"] {
+            assert!(field_used(used.as_bytes()), "{used}");
+        }
+        for unused in ["user-agent", "grpc-message", "te", "date", "content-length", "x-api-key", "authorization"] {
+            assert!(!field_used(unused.as_bytes()), "{unused}");
+        }
     }
 
     fn stream(request: Headers, response: Option<Headers>, trailers: Option<Headers>) -> H2Stream {

@@ -12,12 +12,15 @@
 //! (`H2_SERVED`) ahead of the chunk. They continue the `traceparent` zerotel's own injection
 //! appended to the end of the header block (a plain literal); one the caller's HPACK encoder
 //! coded (Huffman, dynamic table) only the agent can read.
+//!
+//! Only while propagation is on: without injection the agent links a process's calls to what it
+//! serves by itself, and this walk (about 1 us per request, mostly the per-stream map) is saved.
 
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_loop;
 use zerotel_abi::{
-    counters, direction, kind, ConnState, H2StreamIdsEvent, StreamChunkHead, STREAM_CHUNK_BYTES,
+    counters, direction, kind, ConnState, FrameCursor, H2StreamIdsEvent, StreamChunkHead, STREAM_CHUNK_BYTES,
 };
 
 use crate::{
@@ -42,11 +45,13 @@ const VALUE_LEN: u64 = 55;
 /// The chunk buffer's size (`stream::Scratch::data`), a power of two: indexes are masked with it.
 const BUFFER: usize = 2 * STREAM_CHUNK_BYTES;
 
-/// Where the walk over one chunk stands. In a per-CPU map: the loop body finds it there.
+/// Where the walk over one chunk stands. In a per-CPU map: the loop body finds it there. The
+/// connection's fields the walk needs are copied in and out, so that a frame costs no hash lookup.
 #[repr(C)]
 pub struct Walk {
-    /// The connection's `CONNS` key.
+    /// The connection's `CONNS` key and id.
     key: u64,
+    conn_id: u64,
     pid_tgid: u64,
     /// Chunk offset of the next frame header.
     at: u64,
@@ -56,6 +61,12 @@ pub struct Walk {
     direction: u64,
     /// Set when the walk reached the chunk's end.
     done: u64,
+    /// Set when a stream could not be remembered: its end would go uncounted.
+    lost: u64,
+    /// The connection's `h2_server.last_stream` and this direction's cursor.
+    last_stream: u32,
+    _pad: u32,
+    cursor: FrameCursor,
     /// The report of the stream being opened (too big for the stack).
     event: H2StreamIdsEvent,
 }
@@ -67,7 +78,6 @@ pub fn on_chunk(key: u64, head: &StreamChunkHead, size: u64) {
     // SAFETY: a live map value. The connection's other direction may be walked at once on
     // another CPU: it has its own cursor, and shared counts change atomically.
     let conn = unsafe { &mut *conn };
-    let pid_tgid = (u64::from(head.header.pid) << 32) | u64::from(head.header.tid);
     let dir = (head.direction & 1) as usize;
     if conn.h2_server.lost != 0 {
         return;
@@ -76,19 +86,27 @@ pub fn on_chunk(key: u64, head: &StreamChunkHead, size: u64) {
         give_up(conn); // bytes this walk never saw
         return;
     }
-    conn.h2_server.frames[dir].next = head.offset + size;
     let Some(walk) = H2_FRAMES.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU value no one else uses while this program runs.
     let walk = unsafe { &mut *walk };
     walk.key = key;
-    walk.pid_tgid = pid_tgid;
+    walk.conn_id = conn.conn_id;
+    walk.pid_tgid = (u64::from(head.header.pid) << 32) | u64::from(head.header.tid);
     walk.at = u64::from(conn.h2_server.frames[dir].skip);
     walk.size = size;
     walk.direction = dir as u64;
     walk.done = 0;
+    walk.lost = 0;
+    walk.last_stream = conn.h2_server.last_stream;
+    walk.cursor = conn.h2_server.frames[dir];
     // SAFETY: a helper call; `step` finds its state in H2_FRAMES.
     unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0) };
-    if walk.done == 0 {
+    walk.cursor.next = head.offset + size;
+    conn.h2_server.frames[dir] = walk.cursor;
+    if dir == direction::INGRESS as usize {
+        conn.h2_server.last_stream = walk.last_stream;
+    }
+    if walk.done == 0 || walk.lost != 0 {
         give_up(conn);
     }
 }
@@ -129,97 +147,94 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = STREAM_SCRATCH.get_ptr_mut(0) else { return 1 };
     // SAFETY: per-CPU values `on_chunk` and `stream::flush` filled; nothing else runs here meanwhile.
     let (walk, data) = unsafe { (&mut *walk, &(*scratch).data) };
-    let Some(conn) = CONNS.get_ptr_mut(&walk.key) else { return 1 };
-    // SAFETY: a live map value (see `on_chunk`).
-    let conn = unsafe { &mut *conn };
-    let cursor = &mut conn.h2_server.frames[(walk.direction & 1) as usize];
-    let (frame, payload_at) = if cursor.held_len > 0 {
+    let (frame, payload_at) = if walk.cursor.held_len > 0 {
         // Only at the chunk's start (`at` is 0): the header's first bytes came last time.
-        let held = u64::from(cursor.held_len);
+        let held = u64::from(walk.cursor.held_len);
         let mut k = 0;
         while k < FRAME_HEADER {
             if k >= held && k - held < walk.size {
-                cursor.held[k as usize] = data[((k - held) & (BUFFER as u64 - 1)) as usize];
+                walk.cursor.held[k as usize] = data[((k - held) & (BUFFER as u64 - 1)) as usize];
             }
             k += 1;
         }
         let need = FRAME_HEADER - held;
         if walk.size < need {
-            cursor.held_len += walk.size as u8;
-            cursor.skip = 0;
+            walk.cursor.held_len += walk.size as u8;
+            walk.cursor.skip = 0;
             walk.done = 1;
             return 1;
         }
-        cursor.held_len = 0;
-        (Frame::parse(&cursor.held), need)
+        walk.cursor.held_len = 0;
+        (Frame::parse(&walk.cursor.held), need)
     } else if walk.at + FRAME_HEADER <= walk.size {
         let at = (walk.at & (STREAM_CHUNK_BYTES as u64 - 1)) as usize;
         // SAFETY: at < STREAM_CHUNK_BYTES and the buffer holds twice that.
         let h = unsafe { core::ptr::read_unaligned(data.as_ptr().add(at).cast::<[u8; 9]>()) };
         (Frame::parse(&h), walk.at + FRAME_HEADER)
     } else {
-        end_of_chunk(walk, cursor, data);
+        end_of_chunk(walk, data);
         return 1;
     };
     walk.at = payload_at + frame.len;
-    on_frame(walk, conn, &frame, payload_at, data);
+    on_frame(walk, &frame, payload_at, data);
     0
 }
 
 /// Keep the first bytes of a header the chunk splits, or how much of a frame is still to come.
 #[inline(always)]
-fn end_of_chunk(walk: &mut Walk, cursor: &mut zerotel_abi::FrameCursor, data: &[u8; BUFFER]) {
+fn end_of_chunk(walk: &mut Walk, data: &[u8; BUFFER]) {
     if walk.at >= walk.size {
-        cursor.skip = (walk.at - walk.size) as u32;
+        walk.cursor.skip = (walk.at - walk.size) as u32;
     } else {
         let partial = walk.size - walk.at;
         let mut k = 0;
         while k < FRAME_HEADER - 1 {
             if k < partial {
-                cursor.held[k as usize] = data[((walk.at + k) & (BUFFER as u64 - 1)) as usize];
+                walk.cursor.held[k as usize] = data[((walk.at + k) & (BUFFER as u64 - 1)) as usize];
             }
             k += 1;
         }
-        cursor.held_len = partial as u8;
-        cursor.skip = 0;
+        walk.cursor.held_len = partial as u8;
+        walk.cursor.skip = 0;
     }
     walk.done = 1;
 }
 
 #[inline(always)]
-fn on_frame(walk: &mut Walk, conn: &mut ConnState, frame: &Frame, payload_at: u64, data: &[u8; BUFFER]) {
-    let tgid = (walk.pid_tgid >> 32) as u32;
+fn on_frame(walk: &mut Walk, frame: &Frame, payload_at: u64, data: &[u8; BUFFER]) {
     match (walk.direction as u8, frame.kind) {
-        (direction::INGRESS, HEADERS) if frame.stream & 1 == 1 && frame.stream > conn.h2_server.last_stream => {
-            conn.h2_server.last_stream = frame.stream;
-            open_stream(walk, conn, frame, payload_at, data);
+        (direction::INGRESS, HEADERS) if frame.stream & 1 == 1 && frame.stream > walk.last_stream => {
+            walk.last_stream = frame.stream;
+            open_stream(walk, frame, payload_at, data);
         }
-        (_, RST_STREAM) => end_stream(conn, tgid, frame.stream),
-        (direction::EGRESS, HEADERS | DATA) if frame.flags & END_STREAM != 0 => end_stream(conn, tgid, frame.stream),
+        (_, RST_STREAM) => end_stream(walk, frame.stream),
+        (direction::EGRESS, HEADERS | DATA) if frame.flags & END_STREAM != 0 => end_stream(walk, frame.stream),
         _ => {}
     }
 }
 
 /// A request starts: decide its ids, count it, and report them.
 #[inline(always)]
-fn open_stream(walk: &mut Walk, conn: &mut ConnState, frame: &Frame, payload_at: u64, data: &[u8; BUFFER]) {
-    let key = H2StreamKey { conn_id: conn.conn_id, stream_id: u64::from(frame.stream) };
-    if H2_SERVER_STREAMS.insert(&key, &1, 0).is_err() {
-        return;
-    }
+fn open_stream(walk: &mut Walk, frame: &Frame, payload_at: u64, data: &[u8; BUFFER]) {
+    let Some(conn) = CONNS.get_ptr_mut(&walk.key) else { return };
+    let tgid = (walk.pid_tgid >> 32) as u32;
     let ids = &mut walk.event.ids;
     let continued = injected_traceparent(frame, payload_at, walk.size, data, ids);
     context::server_ids(ids, continued);
-    context::stream_served((walk.pid_tgid >> 32) as u32, ids);
+    context::stream_served(tgid, ids);
     // SAFETY: a live map value's field, changed atomically (see `on_chunk`).
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            &raw mut conn.h2_server.open,
+            &raw mut (*conn).h2_server.open,
             1,
         );
     }
+    let key = H2StreamKey { conn_id: walk.conn_id, stream_id: u64::from(frame.stream) };
+    if H2_SERVER_STREAMS.insert(&key, &1, 0).is_err() {
+        walk.lost = 1; // counted, but its end could not be matched
+    }
     walk.event.header = header(kind::H2_SERVED, walk.pid_tgid);
-    walk.event.conn_id = conn.conn_id;
+    walk.event.conn_id = walk.conn_id;
     walk.event.stream_id = frame.stream;
     match EVENTS.output::<H2StreamIdsEvent>(&walk.event, 0) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
@@ -229,19 +244,20 @@ fn open_stream(walk: &mut Walk, conn: &mut ConnState, frame: &Frame, payload_at:
 
 /// The stream ended (or was reset): uncount it, once.
 #[inline(always)]
-fn end_stream(conn: &mut ConnState, tgid: u32, stream: u32) {
-    let key = H2StreamKey { conn_id: conn.conn_id, stream_id: u64::from(stream) };
-    if H2_SERVER_STREAMS.remove(&key).is_err() || conn.h2_server.open == 0 {
+fn end_stream(walk: &Walk, stream: u32) {
+    let key = H2StreamKey { conn_id: walk.conn_id, stream_id: u64::from(stream) };
+    if H2_SERVER_STREAMS.remove(&key).is_err() {
         return;
     }
-    // SAFETY: as in `open_stream`.
+    let Some(conn) = CONNS.get_ptr_mut(&walk.key) else { return };
+    // SAFETY: as in `open_stream`; the entry just removed was counted, so `open` is at least 1.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            &raw mut conn.h2_server.open,
+            &raw mut (*conn).h2_server.open,
             u64::MAX,
         );
     }
-    context::requests_done(tgid, 1);
+    context::requests_done((walk.pid_tgid >> 32) as u32, 1);
 }
 
 /// Parse the `traceparent` zerotel appends to a header block, when the whole HEADERS frame is

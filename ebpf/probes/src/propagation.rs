@@ -38,8 +38,9 @@ const MAX_REQUEST_LINE: usize = 512;
 /// delayed ACK: a 40 ms stall per request, measured through an nginx proxy.
 const MAX_LINEAR: u32 = 32 * 1024;
 
+/// Whether `traceparent` is injected (`--no-propagation` turns it off).
 #[inline(always)]
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     // SAFETY: read-only global set before load.
     unsafe { core::ptr::read_volatile(&PROPAGATE) != 0 }
 }

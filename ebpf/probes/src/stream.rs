@@ -13,7 +13,7 @@ use aya_ebpf::{
 use zerotel_abi::{buffer, counters, kind, protocol, role, ConnState, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
 
 use crate::{
-    http2_server,
+    http2_server, propagation,
     maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK},
 };
 
@@ -89,7 +89,8 @@ pub fn capture(call: &InFlight, key: u64, conn: &ConnState, len: u64, offset: u6
         left,
         remaining: if len < STREAM_SYSCALL_CAP { len } else { STREAM_SYSCALL_CAP },
         conn_key: key,
-        h2_server: u64::from(conn.protocol == protocol::HTTP2 && conn.role == role::SERVER),
+        // Only what propagation injects needs the kernel's ids (`http2_server`).
+        h2_server: u64::from(conn.protocol == protocol::HTTP2 && conn.role == role::SERVER && propagation::enabled()),
     };
     // SAFETY: a helper call; `step` finds its state in STREAM_WALK.
     unsafe {

@@ -8,6 +8,11 @@
 //! length-prefixed message (`-d FILE -H 'content-type: application/grpc' -H 'te: trailers'`)
 //! to a gRPC server, e.g. the Go echo server of tests/grpc/echo.go.
 //!
+//! Two phases, each alternating untraced and traced rounds: saturation (h2load as fast as it
+//! goes, where the agent competes with nghttpd and h2load for this machine's CPUs) and a fixed
+//! rate (`--rate` requests per second in all, h2load `--rps` per connection), the load a
+//! production service runs at, where the cost shows as latency and CPU instead.
+//!
 //! nghttpd runs for the whole bench, h2load once per round: every round's connections are new,
 //! so the agent (healthy before h2load starts) sees each from its first byte, HPACK tables
 //! included.
@@ -63,26 +68,31 @@ impl Scenario for Grpc {
         let url = format!("http://127.0.0.1:{}{PATH}", server.port);
         eprintln!("bench grpc: nghttpd {} on {url}", server.pid());
         let bench = Bench::new("grpc", ctx, dir.path())?;
-        let h2load = |duration_s| H2load {
+        let h2load = |duration_s, rps_per_connection| H2load {
             bin: &h2load_bin,
             url: &url,
             duration_s,
+            rps_per_connection,
         };
         if a.warmup > 0 {
-            h2load(a.warmup).run().context("warm-up load failed")?;
+            h2load(a.warmup, None).run().context("warm-up load failed")?;
         }
-        let rounds = bench.server_rounds(&[server.pid()], &h2load(a.duration), a.rounds)?;
+        let saturated = bench.server_rounds(&[server.pid()], &h2load(a.duration, None), a.rounds)?;
+        let per_connection = a.rate.div_ceil(CONNECTIONS);
+        eprintln!("bench grpc: fixed rate, {} req/s", per_connection * CONNECTIONS);
+        let fixed = h2load(a.rate_duration(), Some(per_connection));
+        let fixed_rounds = bench.server_rounds(&[server.pid()], &fixed, a.rounds)?;
         let versions = Versions {
             h2load: version(&h2load_bin),
             nghttpd: version(&server.bin),
         };
-        Ok(report(ctx, &rounds, &versions))
+        Ok(report(ctx, &saturated, &fixed_rounds, per_connection * CONNECTIONS, &versions))
     }
 }
 
 // ---- the server ----
 
-/// nghttpd, h2c only (`--no-tls`: prior knowledge or Upgrade), one thread, serving
+/// nghttpd, h2c with prior knowledge (`--no-tls`), one thread, serving
 /// `dir`/htdocs; stopped on drop.
 struct Nghttpd {
     bin: std::path::PathBuf,
@@ -126,11 +136,13 @@ impl Nghttpd {
 
 // ---- h2load ----
 
-/// `h2load -D duration_s` of GETs of `url`, h2c with prior knowledge.
+/// `h2load -D duration_s` of GETs of `url`, h2c with prior knowledge; at most
+/// `rps_per_connection` requests per second on each connection when set.
 struct H2load<'a> {
     bin: &'a Path,
     url: &'a str,
     duration_s: u64,
+    rps_per_connection: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
@@ -154,7 +166,8 @@ struct H2loadResult {
 impl H2load<'_> {
     fn args(&self) -> Vec<String> {
         let n = |v: u32| v.to_string();
-        vec![
+        let rate = self.rps_per_connection.map(|r| format!("--rps={r}"));
+        let mut args: Vec<String> = vec![
             "-D".into(),
             self.duration_s.to_string(),
             "-c".into(),
@@ -163,8 +176,10 @@ impl H2load<'_> {
             n(STREAMS),
             "-t".into(),
             n(THREADS),
-            self.url.into(),
-        ]
+        ];
+        args.extend(rate);
+        args.push(self.url.into());
+        args
     }
 }
 
@@ -317,9 +332,9 @@ fn mean(r: &Round) -> Option<f64> {
     Some(r.load.mean_us)
 }
 
-fn report(ctx: &Ctx, rounds: &[Round], versions: &Versions) -> Report {
+fn report(ctx: &Ctx, rounds: &[Round], fixed: &[Round], rate: u32, versions: &Versions) -> Report {
     let a = ctx.args;
-    let targets = targets(rounds);
+    let targets = targets(rounds, fixed);
     let json = json!({
         "scenario": "grpc",
         "config": {
@@ -334,12 +349,24 @@ fn report(ctx: &Ctx, rounds: &[Round], versions: &Versions) -> Report {
         "ratios_traced_over_untraced": {
             "requests_per_s": ratio(rounds, rps), "mean_latency": ratio(rounds, mean),
         },
+        "fixed_rate": {
+            "requests_per_s_offered": rate, "duration_s": a.rate_duration(),
+            "rounds": fixed,
+            "medians": medians_json(fixed),
+            "ratios_traced_over_untraced": {
+                "requests_per_s": ratio(fixed, rps), "mean_latency": ratio(fixed, mean),
+            },
+        },
         "targets": targets,
     });
     let markdown = [
         heading(a, versions),
+        format!("### Saturation: as fast as h2load goes ({}s rounds)\n\n", a.duration),
         table(rounds),
         summary(rounds),
+        format!("\n### Fixed rate: {rate} req/s offered (h2load `--rps={}` on each connection, {}s rounds)\n\n", rate / CONNECTIONS, a.rate_duration()),
+        table(fixed),
+        summary(fixed),
         targets_markdown(&targets),
     ]
     .concat();
@@ -469,18 +496,29 @@ fn fmt_us(us: f64) -> String {
 
 // ---- targets ----
 
-fn targets(rounds: &[Round]) -> Vec<Target> {
+fn targets(saturated: &[Round], fixed: &[Round]) -> Vec<Target> {
+    let lost = |rounds: &[Round]| max_agent(rounds, |g| g.usage.events_lost);
     vec![
         Target::new(
-            "req/s traced/untraced (median)",
-            ratio(rounds, rps),
+            "saturated req/s traced/untraced (median)",
+            ratio(saturated, rps),
+            Cmp::AtLeast,
+            TARGET_RPS_RATIO,
+            3,
+        ),
+        Target::new(
+            "fixed-rate req/s traced/untraced (median)",
+            ratio(fixed, rps),
             Cmp::AtLeast,
             TARGET_RPS_RATIO,
             3,
         ),
         Target::new(
             "lost events (worst round)",
-            max_agent(rounds, |g| g.usage.events_lost),
+            match (lost(saturated), lost(fixed)) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
             Cmp::Equals,
             0.0,
             0,
@@ -532,10 +570,16 @@ req/s           :   91338.91    91459.30    91392.65       59.94    75.00%
             bin: Path::new("h2load"),
             url: "http://127.0.0.1:1/index.html",
             duration_s: 7,
+            rps_per_connection: None,
         };
         assert_eq!(
             load.args().join(" "),
             "-D 7 -c 4 -m 10 -t 1 http://127.0.0.1:1/index.html"
+        );
+        let fixed = H2load { rps_per_connection: Some(2500), ..load };
+        assert_eq!(
+            fixed.args().join(" "),
+            "-D 7 -c 4 -m 10 -t 1 --rps=2500 http://127.0.0.1:1/index.html"
         );
     }
 
@@ -561,8 +605,8 @@ req/s           :   91338.91    91459.30    91392.65       59.94    75.00%
         ];
         assert_eq!(ratio(&rounds, rps), Some(0.95));
         assert_eq!(
-            targets_markdown(&targets(&rounds)),
-            "\ntargets: req/s traced/untraced (median) 0.950 >= 0.95: met; lost events (worst round) n/a == 0: n/a\n"
+            targets_markdown(&targets(&rounds, &rounds[..2])),
+            "\ntargets: saturated req/s traced/untraced (median) 0.950 >= 0.95: met; fixed-rate req/s traced/untraced (median) 0.960 >= 0.95: met; lost events (worst round) n/a == 0: n/a\n"
         );
     }
 }

@@ -23,6 +23,8 @@ pub struct H2Connection {
     desync: Option<Desync>,
     closed: bool,
     truncated_blocks: u64,
+    /// Which fields header blocks keep (all when None); every field is still decoded.
+    keep: Option<fn(&[u8]) -> bool>,
 }
 
 /// One direction: its frames, its encoder's HPACK state, and a header block awaiting CONTINUATIONs.
@@ -73,7 +75,15 @@ impl H2Connection {
             desync: None,
             closed: false,
             truncated_blocks: 0,
+            keep: None,
         }
+    }
+
+    /// Keep only the header fields whose (lowercase) name `keep` accepts: what the caller will
+    /// read, so that the rest costs no copy.
+    pub fn keeping(mut self, keep: fn(&[u8]) -> bool) -> Self {
+        self.keep = Some(keep);
+        self
     }
 
     /// A connection upgraded from HTTP/1.1 (`Upgrade: h2c`), from the `101` answer on. Stream 1 is
@@ -147,6 +157,7 @@ impl H2Connection {
             streams: &mut self.streams,
             out,
             truncated_blocks: &mut self.truncated_blocks,
+            keep: self.keep,
         };
         action(&mut side.framer, &mut handler)
     }
@@ -197,6 +208,7 @@ struct FrameHandler<'c> {
     streams: &'c mut Streams,
     out: &'c mut Vec<H2Event>,
     truncated_blocks: &'c mut u64,
+    keep: Option<fn(&[u8]) -> bool>,
 }
 
 impl FrameSink for FrameHandler<'_> {
@@ -268,7 +280,8 @@ impl FrameHandler<'_> {
                 Flow::ToServer => self.streams.opens(id),
                 Flow::ToClient => self.streams.is_open(id),
             };
-        let mut collector = wanted.then(HeaderCollector::default);
+        let keep = self.keep;
+        let mut collector = wanted.then(|| HeaderCollector { keep, ..HeaderCollector::default() });
         self.decoder.decode(block, &mut |name, value| {
             if let Some(collector) = &mut collector {
                 collector.add(name, value);
@@ -375,16 +388,20 @@ fn fragment(header: FrameHeader, payload: &[u8]) -> Result<&[u8], Desync> {
     rest.get(leading..end).ok_or(Desync::BadPadding)
 }
 
-/// Keeps a header block's fields within the `MAX_KEPT_*` bounds.
+/// Keeps a header block's fields (those `keep` accepts) within the `MAX_KEPT_*` bounds.
 #[derive(Debug, Default)]
 struct HeaderCollector {
     fields: Vec<(String, String)>,
     kept_bytes: usize,
     truncated: bool,
+    keep: Option<fn(&[u8]) -> bool>,
 }
 
 impl HeaderCollector {
     fn add(&mut self, name: &[u8], value: &[u8]) {
+        if self.keep.is_some_and(|keep| !keep(name)) {
+            return;
+        }
         let (kept_name, kept_value) = (cut(name), cut(value));
         let size = kept_name.len() + kept_value.len();
         if self.fields.len() >= MAX_KEPT_FIELDS || self.kept_bytes + size > MAX_KEPT_BLOCK {
@@ -931,6 +948,27 @@ mod tests {
         let out = push_all(&mut connection, &[PlannedPiece { outgoing: false, offset: 0, syscall_end: 9034, bytes: endless, start_ns: 1, end_ns: 2 }]);
         assert!(out.is_empty());
         assert_eq!(connection.desync_reason(), Some(&Desync::UpgradeAnswerTooLong));
+    }
+
+    /// With a filter only the fields it accepts are kept, yet every field is decoded: the indexed
+    /// fields of the second request still read right from the dynamic table.
+    #[test]
+    fn a_filter_keeps_only_what_it_accepts() {
+        let (role, bytes) = capture("grpc_client");
+        let mut connection = H2Connection::new(role).keeping(|name| name.first() == Some(&b':') || name == b"traceparent");
+        let out = push_all(&mut connection, &whole(&syscalls(bytes)));
+        let streams = ended(&out);
+        let request = fields(&[
+            (":path", "/zt.Demo/Echo"),
+            (":authority", "127.0.0.1:50553"),
+            (":method", "POST"),
+            (":scheme", "http"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ]);
+        assert_eq!(streams[0].request, request);
+        assert_eq!(streams[4].request.fields[..4], request.fields[..4]);
+        assert_eq!(streams[0].response, Some(fields(&[(":status", "200")])));
+        assert_eq!(connection.desyncs(), 0);
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl Assembler {
             start_ns: head.start_ns,
             end_ns: head.header.ts_ns,
         };
-        let h2 = conn.h2.get_or_insert_with(|| Box::new(H2Connection::new(role)));
+        let h2 = conn.h2.get_or_insert_with(|| Box::new(H2Connection::new(role).keeping(rpc::field_used)));
         let (desyncs, dropped) = (h2.desyncs(), h2.dropped_streams());
         h2.push(&piece, &mut self.h2_events);
         if h2.desyncs() > desyncs {
@@ -62,7 +62,7 @@ impl Assembler {
         let Some(conn) = self.conns.get_mut(conn_id) else { return };
         let role = if conn.is_server { Role::Server } else { Role::Client };
         let request = exchange.as_ref().map(|(_, e)| (upgrade_request(&e.request), e.start_ns));
-        conn.h2 = Some(Box::new(H2Connection::upgraded(role, request)));
+        conn.h2 = Some(Box::new(H2Connection::upgraded(role, request).keeping(rpc::field_used)));
         let Some((id, exchange)) = exchange else { return };
         // Served until the `101`, as the kernel sees it.
         self.serving.end(exchange.tid, conn_id, id);
