@@ -132,9 +132,15 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!("ready: {} tracepoints attached, telemetry on http://{}", probes.hook_count(), config.listen);
 
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+    let mut probes = probes;
+    let mut tls_rescan = tokio::time::interval(probes::TLS_RESCAN);
+    tls_rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = tls_rescan.tick() => probes.refresh_tls(),
+        }
     }
     log::info!("stopping: detaching probes, flushing spans");
     // Detach first so nothing new arrives, then let each stage drain into the next.

@@ -17,6 +17,7 @@ pub mod postgres;
 pub mod print;
 pub mod process;
 pub mod servers;
+pub mod tls;
 pub mod util;
 
 use std::path::Path;

@@ -49,6 +49,8 @@ const PY_SERVER: &str = r#"
 import concurrent.futures
 import hashlib
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -116,8 +118,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def call(url):
+    # The tests' certificates are self-signed.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
             response.read()
             return response.status
     except urllib.error.HTTPError as error:
@@ -127,6 +131,10 @@ def call(url):
 
 POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+if os.environ.get("ZT_TLS_CERT"):
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(os.environ["ZT_TLS_CERT"], os.environ["ZT_TLS_KEY"])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 print("READY", server.server_address[1], flush=True)
 server.serve_forever()
 "#;
@@ -141,6 +149,7 @@ server.serve_forever()
 pub struct PyServer {
     script: ScriptProcess,
     port: u16,
+    scheme: &'static str,
 }
 
 impl PyServer {
@@ -161,7 +170,8 @@ impl PyServer {
         dir.write(script_name, PY_SERVER);
         let script = ScriptProcess::spawn_in(python_interpreter(), dir, script_name, &["0".to_string()], env, cgroup);
         let port = wait_for_ready_port(&script);
-        PyServer { script, port }
+        let tls = env.iter().any(|(name, _)| *name == "ZT_TLS_CERT");
+        PyServer { script, port, scheme: if tls { "https" } else { "http" } }
     }
 
     pub fn pid(&self) -> u32 {
@@ -172,9 +182,16 @@ impl PyServer {
         self.port
     }
 
-    /// `http://127.0.0.1:<port><path>`
+    /// Like [`PyServer::start`], serving HTTPS with `cert` (Python's ssl, that is OpenSSL).
+    pub fn start_tls(script_name: &str, cert: &crate::tls::SelfSignedCert) -> PyServer {
+        let (cert, key) = (cert.cert(), cert.key());
+        let env = [("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))];
+        PyServer::start_in(script_name, &env, None)
+    }
+
+    /// `http://127.0.0.1:<port><path>` (`https` when serving TLS)
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     /// What the server wrote to stderr (tracebacks).
@@ -250,14 +267,24 @@ pub struct Nginx {
     master: ChildGuard,
     workers: Vec<u32>,
     port: u16,
+    scheme: &'static str,
     dir: TempDir,
 }
 
 impl Nginx {
     pub fn start() -> Nginx {
+        Nginx::start_with(None)
+    }
+
+    /// The same server over HTTPS with `cert` (nginx's OpenSSL: the system libssl).
+    pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> Nginx {
+        Nginx::start_with(Some(cert))
+    }
+
+    fn start_with(cert: Option<&crate::tls::SelfSignedCert>) -> Nginx {
         let dir = TempDir::new("nginx");
         let port = free_port();
-        write_nginx_files(&dir, port);
+        write_nginx_files(&dir, port, cert);
         let mut command = Command::new("nginx");
         command
             .arg("-p")
@@ -270,7 +297,8 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let master = ChildGuard::new(spawn(&mut command, "nginx"), "nginx master");
-        let mut nginx = Nginx { master, workers: Vec::new(), port, dir };
+        let scheme = if cert.is_some() { "https" } else { "http" };
+        let mut nginx = Nginx { master, workers: Vec::new(), port, scheme, dir };
         nginx.wait_until_ready();
         nginx
     }
@@ -297,7 +325,7 @@ impl Nginx {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     /// nginx's error log so far.
@@ -322,16 +350,19 @@ fn is_nginx_process(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "nginx")
 }
 
-fn write_nginx_files(dir: &TempDir, port: u16) {
+fn write_nginx_files(dir: &TempDir, port: u16, cert: Option<&crate::tls::SelfSignedCert>) {
     let static_dir = dir.join("static");
     std::fs::create_dir(&static_dir).unwrap_or_else(|e| panic!("create {}: {e}", static_dir.display()));
     let content: Vec<u8> = (0..NGINX_STATIC_FILE_SIZE).map(|i| b'a' + (i % 26) as u8).collect();
     dir.write("static/file.bin", content);
-    dir.write("nginx.conf", nginx_config(dir.path(), port));
+    dir.write("nginx.conf", nginx_config(dir.path(), port, cert));
 }
 
-fn nginx_config(dir: &Path, port: u16) -> String {
+fn nginx_config(dir: &Path, port: u16, cert: Option<&crate::tls::SelfSignedCert>) -> String {
     let dir = dir.display();
+    let tls = cert.map_or(String::new(), |cert| {
+        format!(" ssl;\n        ssl_certificate {};\n        ssl_certificate_key {}", cert.cert().display(), cert.key().display())
+    });
     format!(
         r#"daemon off;
 master_process on;
@@ -355,7 +386,7 @@ http {{
     keepalive_timeout 60s;
 
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location = /ok {{
             default_type text/plain;
             return 200 "ok\n";

@@ -35,6 +35,8 @@ pub enum CapturedEvent {
     StreamChunk { head: StreamChunkHead, data: Vec<u8> },
     /// The ids the kernel decided for an HTTP/2 stream (`header.kind` says which end).
     H2StreamIds(H2StreamIdsEvent),
+    /// A connection carries TLS.
+    ConnTls(zerotel_abi::ConnTlsEvent),
 }
 
 impl From<Event<'_>> for CapturedEvent {
@@ -48,6 +50,7 @@ impl From<Event<'_>> for CapturedEvent {
             Event::PgMessage(head, body) => Self::PgMessage { head, body: body.to_vec() },
             Event::StreamChunk(head, data) => Self::StreamChunk { head, data: data.to_vec() },
             Event::H2StreamIds(e) => Self::H2StreamIds(e),
+            Event::ConnTls(e) => Self::ConnTls(e),
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Connection {
     pub kafka: Option<Box<KafkaConnection>>,
     /// The HTTP/2 decoder, made on the connection's first captured HTTP/2 bytes.
     pub h2: Option<Box<H2Connection>>,
+    /// TLS: its data events are the plaintext OpenSSL read or wrote.
+    pub tls: bool,
     /// The kernel's ids for the request whose first byte came at this time: a head read in
     /// several pieces completes (and is reported) on a later segment than the one carrying them.
     pub kernel_ids: Option<(u64, zerotel_abi::SpanIds)>,
@@ -54,9 +56,16 @@ impl Connection {
             postgres: None,
             kafka: None,
             h2: None,
+            tls: false,
             kernel_ids: None,
             next_seq: [None; 2],
         }
+    }
+
+    /// The connection carries TLS: what comes next is its plaintext, a stream of its own.
+    pub fn start_tls(&mut self) {
+        self.tls = true;
+        self.next_seq = [None; 2];
     }
 
     /// Turn a data event into a decoder segment: which side of the exchange it carries, when its

@@ -2,6 +2,9 @@
 //! Dropping [`Probes`] detaches every program (aya owns the links).
 
 mod offsets;
+mod tls;
+
+pub use tls::RESCAN as TLS_RESCAN;
 
 use std::{ffi::CString, path::Path};
 
@@ -103,6 +106,11 @@ pub struct Probes {
     ebpf: Option<Ebpf>,
     /// Set when the agent mounted tracefs itself, to unmount it on exit.
     mounted_tracefs: bool,
+    /// OpenSSL uprobes; None when they cannot load here (tracing goes on without TLS).
+    tls: Option<tls::TlsProbes>,
+    /// The traced tasks, read for the TLS rescan (another handle on TRACED_PIDS); None when
+    /// every process is traced.
+    traced_tasks: Option<BpfHashMap<MapData, u32, u64>>,
 }
 
 /// The maps userspace works with, taken out of the object.
@@ -162,11 +170,27 @@ impl Probes {
             })?;
         attach_all(&mut ebpf)?;
         let propagation_error = if propagate { attach_propagation(&mut ebpf, propagation).err() } else { None };
+        let tls = tls::TlsProbes::load(&mut ebpf)
+            .inspect_err(|e| log::warn!("TLS tracing off (OpenSSL uprobes): {e}"))
+            .ok();
+        let traced_tasks = match scope {
+            Scope::Selected => Some(second_handle(&ebpf, names::TRACED_PIDS)?),
+            Scope::All => None,
+        };
         let mut maps = take_maps(&mut ebpf)?;
         if propagate && propagation_error.is_none() {
             maps.inject_socks = Some(take(&mut ebpf, names::INJECT_SOCKS)?);
         }
-        Ok((Self { ebpf: Some(ebpf), mounted_tracefs }, maps, propagation_error))
+        let mut probes = Self { ebpf: Some(ebpf), mounted_tracefs, tls, traced_tasks };
+        probes.refresh_tls();
+        Ok((probes, maps, propagation_error))
+    }
+
+    /// Attach the OpenSSL uprobes to what traced processes map now (see `tls`).
+    pub fn refresh_tls(&mut self) {
+        let (Some(tls), Some(ebpf)) = (self.tls.as_mut(), self.ebpf.as_mut()) else { return };
+        let tasks = self.traced_tasks.as_ref().map(|map| map.keys().filter_map(Result::ok).collect());
+        tls.refresh(ebpf, tasks.as_ref());
     }
 
     /// How many tracepoints are attached, for the start-up log.
@@ -315,6 +339,17 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 ) -> Result<T, ProbeError> {
     let map = ebpf.take_map(name).ok_or(ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
     T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+/// A handle of our own on a map the object keeps (or hands to another part of the agent).
+fn second_handle<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &Ebpf, name: &'static str) -> Result<T, ProbeError> {
+    let missing = || ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } };
+    let id = match ebpf.map(name).ok_or_else(missing)? {
+        aya::maps::Map::HashMap(data) => data.info().map_err(|source| ProbeError::Map { name, source })?.id(),
+        _ => return Err(missing()),
+    };
+    let data = MapData::from_id(id).map_err(|source| ProbeError::Map { name, source })?;
+    T::try_from(aya::maps::Map::HashMap(data)).map_err(|source| ProbeError::Map { name, source })
 }
 
 fn take_maps(ebpf: &mut Ebpf) -> Result<KernelMaps, ProbeError> {

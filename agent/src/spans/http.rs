@@ -18,6 +18,8 @@ pub struct Exchange<'a> {
     /// Our end and the peer's end of the connection.
     pub local: Endpoint<'a>,
     pub remote: Endpoint<'a>,
+    /// Over TLS (`https`).
+    pub tls: bool,
 }
 
 /// A socket address with its IP already formatted (once per connection, not per span).
@@ -40,10 +42,11 @@ pub fn describe(x: &Exchange<'_>) -> HttpSpan {
     // The spec names spans of unknown methods "HTTP", not "_OTHER".
     let shown = if method == "_OTHER" { "HTTP" } else { method };
     let name = if route.is_empty() { shown.to_owned() } else { format!("{shown} {route}") };
+    let scheme = if x.tls { "https" } else { "http" };
     let mut attributes: Attributes = vec![
         ("http.request.method".into(), method.to_owned().into()),
         ("url.path".into(), path.to_owned().into()),
-        ("url.scheme".into(), "http".into()),
+        ("url.scheme".into(), scheme.into()),
         ("network.protocol.version".into(), x.version.into()),
         ("network.peer.address".into(), x.remote.ip.to_owned().into()),
         ("network.peer.port".into(), AttrValue::Int(x.remote.addr.port().into())),
@@ -62,7 +65,7 @@ pub fn describe(x: &Exchange<'_>) -> HttpSpan {
     if x.kind == SpanKind::Server {
         attributes.push(("client.address".into(), x.remote.ip.to_owned().into()));
     } else {
-        attributes.push(("url.full".into(), format!("http://{server_address}:{server_port}{path}").into()));
+        attributes.push(("url.full".into(), format!("{scheme}://{server_address}:{server_port}{path}").into()));
     }
     attributes.push(("server.address".into(), server_address.into()));
     let status = status_of(x, &mut attributes);
@@ -161,11 +164,29 @@ mod tests {
             version: http1_version(request),
             local: Endpoint { addr: local, ip: &local_ip },
             remote: Endpoint { addr: remote, ip: &remote_ip },
+            tls: false,
         })
     }
 
     fn attr<'a>(span: &'a HttpSpan, key: &str) -> Option<&'a AttrValue> {
         span.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn tls_makes_the_scheme_https() {
+        let request = head("GET", "/users/7?token=secret", Some("api.example:8443"));
+        let (local, remote): (SocketAddr, SocketAddr) = ("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:8443".parse().unwrap());
+        let span = describe(&Exchange {
+            kind: SpanKind::Client,
+            request: &request,
+            response: Some(&ResponseHead { status: 200, version_minor: 1 }),
+            version: "1.1",
+            local: Endpoint { addr: local, ip: "10.0.0.1" },
+            remote: Endpoint { addr: remote, ip: "10.0.0.2" },
+            tls: true,
+        });
+        assert_eq!(attr(&span, "url.scheme"), Some(&AttrValue::from("https")));
+        assert_eq!(attr(&span, "url.full"), Some(&AttrValue::from("https://api.example:8443/users/7")));
     }
 
     #[test]

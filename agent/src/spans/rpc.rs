@@ -50,11 +50,11 @@ pub fn field_used(name: &[u8]) -> bool {
         || TRACE_HEADERS.iter().any(|known| known.as_bytes() == name)
 }
 
-pub fn describe(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote: Endpoint<'_>) -> RpcSpan {
+pub fn describe(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote: Endpoint<'_>, tls: bool) -> RpcSpan {
     if is_grpc(&stream.request) {
         describe_grpc(kind, stream, if kind == SpanKind::Server { local } else { remote })
     } else {
-        describe_http(kind, stream, local, remote)
+        describe_http(kind, stream, local, remote, tls)
     }
 }
 
@@ -109,7 +109,7 @@ fn server_address(request: &Headers, fallback: &str) -> String {
     request.get(":authority").map(http::host_only).filter(|h| !h.is_empty()).unwrap_or(fallback).to_owned()
 }
 
-fn describe_http(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote: Endpoint<'_>) -> RpcSpan {
+fn describe_http(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote: Endpoint<'_>, tls: bool) -> RpcSpan {
     let request = RequestHead {
         method: stream.request.get(":method").unwrap_or_default().to_owned(),
         target: stream.request.get(":path").unwrap_or_default().to_owned(),
@@ -120,7 +120,7 @@ fn describe_http(kind: SpanKind, stream: &H2Stream, local: Endpoint<'_>, remote:
     };
     let status = stream.response.as_ref().and_then(|r| r.get(":status")).and_then(|s| s.parse::<u16>().ok());
     let response = status.map(|status| ResponseHead { status, version_minor: 1 });
-    let exchange = http::Exchange { kind, request: &request, response: response.as_ref(), version: "2", local, remote };
+    let exchange = http::Exchange { kind, request: &request, response: response.as_ref(), version: "2", local, remote, tls };
     let span = http::describe(&exchange);
     RpcSpan { name: span.name, attributes: span.attributes, status: span.status }
 }
@@ -181,7 +181,7 @@ mod tests {
     fn run(kind: SpanKind, stream: &H2Stream) -> RpcSpan {
         let addr: SocketAddr = "127.0.0.1:50051".parse().unwrap();
         let endpoint = Endpoint { addr, ip: "127.0.0.1" };
-        describe(kind, stream, endpoint, endpoint)
+        describe(kind, stream, endpoint, endpoint, false)
     }
 
     #[test]

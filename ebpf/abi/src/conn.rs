@@ -59,7 +59,10 @@ pub struct ConnState {
     pub request_outstanding: u8,
     /// PostgreSQL: still in the startup phase (untyped messages; an SSLRequest's answer is one byte).
     pub pg_startup: u8,
-    pub _pad: [u8; 2],
+    /// 1 once the connection is known to carry TLS: its syscalls move ciphertext, which is only
+    /// counted; `protocol` and everything after it describe the plaintext the OpenSSL uprobes see.
+    pub tls: u8,
+    pub _pad: u8,
     /// PostgreSQL, per direction: where the stream stands between two syscalls.
     pub pg: [PgStream; 2],
     /// HTTP/2 client, outgoing: where the frames stand for `traceparent` injection.

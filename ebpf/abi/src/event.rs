@@ -24,6 +24,17 @@ pub mod kind {
     /// A traced HTTP/2 server read a request's HEADERS frame: [`super::H2StreamIdsEvent`] with
     /// its SERVER span's ids (the parent of what the process sends while it serves only this one).
     pub const H2_SERVED: u32 = 10;
+    /// A traced connection carries TLS: [`super::ConnTlsEvent`]. Its data events from now on are
+    /// the plaintext OpenSSL read or wrote.
+    pub const CONN_TLS: u32 = 11;
+}
+
+/// A tracked connection turned out to carry TLS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnTlsEvent {
+    pub header: EventHeader,
+    pub conn_id: u64,
 }
 
 /// The ids the kernel decided for the HTTP/2 stream `stream_id` ([`kind::H2_INJECTED`],

@@ -85,6 +85,9 @@ pub mod limits {
     pub const THREAD_CONTEXTS: u32 = 16_384;
     /// Processes serving requests at once.
     pub const SERVING_PROCESSES: u32 = 16_384;
+    /// OpenSSL calls in flight (one per thread), and `SSL*` objects whose socket is known.
+    pub const TLS_CALLS: u32 = 16_384;
+    pub const TLS_SOCKETS: u32 = 65_536;
     /// HTTP/2 streams traced servers serve at once (past it, the oldest are forgotten, and their
     /// processes never count as serving exactly one request again until their connections close).
     pub const H2_SERVER_STREAMS: u32 = 65_536;

@@ -27,6 +27,8 @@ pub enum Event<'a> {
     StreamChunk(StreamChunkHead, &'a [u8]),
     /// Ids the kernel decided for an HTTP/2 stream (injected into a request, or a served one's).
     H2StreamIds(H2StreamIdsEvent),
+    /// A connection carries TLS.
+    ConnTls(crate::ConnTlsEvent),
 }
 
 /// Why a record could not be decoded.
@@ -69,6 +71,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::PG_MESSAGE => decode_pg(bytes),
         kind::STREAM_CHUNK => decode_chunk(bytes),
         kind::H2_INJECTED | kind::H2_SERVED => read(bytes, header.kind).map(Event::H2StreamIds),
+        kind::CONN_TLS => read(bytes, header.kind).map(Event::ConnTls),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

@@ -42,3 +42,12 @@ pub fn is_http2_server_preface(prefix: &[u8; 8]) -> bool {
     const SETTINGS: u8 = 0x4;
     prefix[3] == SETTINGS && prefix[4] == 0 && prefix[5..8] == [0, 0, 0] && len % 6 == 0 && len <= 6 * 16
 }
+
+/// A TLS record header (RFC 8446 §5.1): handshake, application data, alert or change cipher
+/// spec, legacy version 3.x, a length a record may have. What a TLS connection starts with, and
+/// what one first seen mid-stream shows.
+#[inline(always)]
+pub fn is_tls_record(prefix: &[u8; 8]) -> bool {
+    let len = u16::from_be_bytes([prefix[3], prefix[4]]);
+    matches!(prefix[0], 0x14..=0x17) && prefix[1] == 3 && prefix[2] <= 4 && len > 0 && len <= 16_384 + 2048
+}

@@ -1,7 +1,8 @@
 //! zerotel's kernel programs.
 //!
-//! Only tracepoints: they exist on every kernel and keep working where kprobes, fentry and
-//! `bpf_probe_write_user` are unavailable (locked-down kernels, CONFIG_KPROBES=n).
+//! Only tracepoints, uprobes (OpenSSL) and socket programs: they exist on every kernel and keep
+//! working where kprobes, fentry and `bpf_probe_write_user` are unavailable (locked-down kernels,
+//! CONFIG_KPROBES=n).
 //! Every program returns at its first map lookup for processes that are not traced.
 #![no_std]
 #![no_main]
@@ -21,6 +22,7 @@ mod propagation;
 mod propagation_h2;
 mod stream;
 mod syscalls;
+mod tls;
 mod upgrade;
 
 #[cfg(not(test))]

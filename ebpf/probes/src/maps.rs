@@ -54,6 +54,17 @@ pub struct ProcessServing {
 pub static PROCESS_SERVING: LruHashMap<u32, ProcessServing> =
     LruHashMap::with_max_entries(limits::SERVING_PROCESSES, BPF_F_NO_COMMON_LRU);
 
+/// OpenSSL reads and writes in flight, by pid_tgid, from the uprobe to the uretprobe (`tls`).
+#[map]
+pub static TLS_CALLS: LruHashMap<u64, crate::tls::TlsCall> =
+    LruHashMap::with_max_entries(limits::TLS_CALLS, BPF_F_NO_COMMON_LRU);
+
+/// The socket (fd) of each `SSL*` a traced process used (`tls`). LRU: freed `SSL`s are never
+/// announced.
+#[map]
+pub static TLS_SOCKETS: LruHashMap<crate::tls::TlsSocketKey, u32> =
+    LruHashMap::with_max_entries(limits::TLS_SOCKETS, BPF_F_NO_COMMON_LRU);
+
 /// Key of `H2_SERVER_STREAMS`.
 #[repr(C)]
 pub struct H2StreamKey {

@@ -105,8 +105,8 @@ fn sending_client(pid_tgid: u64) -> Option<*mut ConnState> {
         return None;
     }
     let conn = CONNS.get_ptr_mut(&conn_key((pid_tgid >> 32) as u32, call.fd))?;
-    // SAFETY: a live map value, only read here.
-    (unsafe { (*conn).role } == role::CLIENT).then_some(conn)
+    // SAFETY: a live map value, only read here. A TLS connection's sends are ciphertext.
+    (unsafe { (*conn).role == role::CLIENT && (*conn).tls == 0 }).then_some(conn)
 }
 
 /// The send speaks HTTP/1 (or the connection has sent nothing yet) and starts a new exchange: a

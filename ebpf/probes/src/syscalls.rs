@@ -13,10 +13,13 @@ use zerotel_abi::{
 };
 
 use crate::{
-    classify::{is_http2_preface, is_http2_server_preface, is_http_request_start, is_http_response_start, is_http_start},
+    classify::{
+        is_http2_preface, is_http2_server_preface, is_http_request_start, is_http_response_start, is_http_start,
+        is_tls_record,
+    },
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
-    kafka, postgres, stream, upgrade,
+    kafka, postgres, stream, tls, upgrade,
     maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
 };
 
@@ -39,7 +42,10 @@ fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     }
     // SAFETY: plain-old-data value.
     let conn = unsafe { CONNS.get(conn_key(tgid, fd)) }.ok_or(0i32)?;
-    if conn.protocol == protocol::OTHER {
+    if conn.tls != 0 || conn.protocol == protocol::UNKNOWN {
+        tls::note_socket(pid_tgid, fd); // an OpenSSL call in flight names its socket
+    }
+    if conn.protocol == protocol::OTHER || conn.tls != 0 {
         return Ok(());
     }
     // SAFETY: helper without arguments.
@@ -133,11 +139,28 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let conn = CONNS.get_ptr_mut(key).ok_or(0i32)?;
     // SAFETY: a live map value; concurrent use of one fd by two threads at once only skews counters.
     let conn = unsafe { &mut *conn };
-    let len = ret as u64;
-    let (data, avail) = user_bytes(&call, len);
+    if conn.tls != 0 {
+        return Ok(()); // ciphertext: the plaintext comes from the OpenSSL uprobes
+    }
+    on_bytes(pid_tgid, &call, key, conn, ret as u64);
+    Ok(())
+}
+
+/// The `len` bytes a call moved on a tracked connection: a syscall's, or the plaintext of an
+/// OpenSSL call on a TLS connection (`tls`). Classifies the connection, then reports what its
+/// protocol needs.
+#[inline(always)]
+pub fn on_bytes(pid_tgid: u64, call: &InFlight, key: u64, conn: &mut ConnState, len: u64) {
+    let (data, avail) = user_bytes(call, len);
     let prefix = read_prefix(data, avail);
-    // Classify once, from enough bytes: a shorter first read ("GE") is not yet evidence either way.
-    if conn.protocol == protocol::UNKNOWN && (avail >= 8 || is_http_start(&prefix)) {
+    // Classify once, from enough bytes: a shorter first read ("GE") is not yet evidence either
+    // way, but OpenSSL reads a record's 5-byte header alone.
+    let tls_record = conn.tls == 0 && avail >= 5 && is_tls_record(&prefix);
+    if conn.protocol == protocol::UNKNOWN && (avail >= 8 || is_http_start(&prefix) || tls_record) {
+        if tls_record {
+            tls::mark(conn, pid_tgid);
+            return;
+        }
         conn.protocol = classify(conn, &prefix, call.direction);
     }
     let dir = (call.direction & 1) as usize;
@@ -147,17 +170,17 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         if avail < len {
             // Bytes beyond the first iovec: the message walk would lose its place.
             conn.protocol = protocol::OTHER;
-            return Ok(());
+            return;
         }
         postgres::walk(conn, call.direction, data, len, header(kind::PG_MESSAGE, pid_tgid), call.start_ns);
-        return Ok(());
+        return;
     }
     if conn.protocol == protocol::KAFKA || conn.protocol == protocol::HTTP2 {
-        stream::capture(&call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
-        return Ok(());
+        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        return;
     }
     if conn.protocol != protocol::HTTP1 {
-        return Ok(());
+        return;
     }
     let answer = if conn.role == role::SERVER { direction::EGRESS } else { direction::INGRESS };
     if call.direction == answer && is_http_response_start(&prefix) && upgrade::is_h2c_switch(data, avail) {
@@ -169,8 +192,8 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         if conn.role == role::SERVER {
             context::server_responded(pid_tgid);
         }
-        stream::capture(&call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
-        return Ok(());
+        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        return;
     }
     let capture = avail > 0 && (is_http_start(&prefix) || conn.capture_next[dir] != 0);
     conn.capture_next[dir] = (capture && len <= MAX_CAPTURE as u64) as u8;
@@ -198,7 +221,6 @@ fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
         context::server_responded(pid_tgid);
     }
     if capture { emit_with_payload(meta, data, avail, moment) } else { emit_meta(meta) }
-    Ok(())
 }
 
 /// A connection's protocol, from its first bytes.

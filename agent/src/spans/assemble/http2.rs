@@ -136,6 +136,7 @@ impl Assembler {
             stream,
             Endpoint { addr: conn.local, ip: &conn.local_ip },
             Endpoint { addr: conn.remote, ip: &conn.remote_ip },
+            conn.tls,
         );
         let described = Described { kind, name: span.name, attributes: span.attributes, status: span.status, links: Vec::new() };
         self.push_span(pid, open.lineage, open.span_id, (stream.start_ns, stream.end_ns), described);

@@ -251,6 +251,11 @@ impl Assembler {
             CapturedEvent::StreamChunk { head, data } if head.protocol == protocol::HTTP2 => self.on_h2_chunk(&head, &data),
             CapturedEvent::StreamChunk { head, data } => self.on_stream_chunk(&head, &data),
             CapturedEvent::H2StreamIds(e) => self.on_h2_ids(&e),
+            CapturedEvent::ConnTls(e) => {
+                if let Some(conn) = self.conns.get_mut(e.conn_id) {
+                    conn.start_tls();
+                }
+            }
         }
     }
 
@@ -496,6 +501,7 @@ impl Assembler {
             version: http1_version(&exchange.request),
             local: Endpoint { addr: conn.local, ip: &conn.local_ip },
             remote: Endpoint { addr: conn.remote, ip: &conn.remote_ip },
+            tls: conn.tls,
         });
         let described = Described { kind, name: http.name, attributes: http.attributes, status: http.status, links: Vec::new() };
         self.push_span(pid, exchange.lineage, exchange.span_id, (exchange.start_ns, end_ns), described);

@@ -1,0 +1,234 @@
+//! OpenSSL uprobes: `SSL_read`, `SSL_write` and their `_ex` forms, on every libssl a traced
+//! process maps and on a program that exports them itself (node links OpenSSL statically), found
+//! in /proc/PID/maps. Rescanned every [`RESCAN`]: processes traced later and libraries loaded
+//! later (dlopen) are picked up, and the probes of processes no longer traced are detached.
+//!
+//! Attached per object file, for every process using it (the programs skip untraced ones): a
+//! process started later from a program whose libssl is probed already (a short-lived client)
+//! is traced from its first call, not from the next rescan. The price: an untraced process
+//! sharing that very file takes the uprobe's trap on each call, and returns at its first check.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    programs::{
+        uprobe::{UProbeLinkId, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+use object::{Object, ObjectSymbol};
+
+use super::{program, ProbeError};
+
+/// How often traced processes are looked at again.
+pub const RESCAN: Duration = Duration::from_secs(1);
+
+/// (entry program, symbol): every one also gets the shared return program.
+const FUNCTIONS: [(&str, &str); 4] = [
+    ("zt_ssl_read", "SSL_read"),
+    ("zt_ssl_write", "SSL_write"),
+    ("zt_ssl_read_ex", "SSL_read_ex"),
+    ("zt_ssl_write_ex", "SSL_write_ex"),
+];
+const RETURN: &str = "zt_ssl_return";
+
+/// Where the probes are attached.
+#[derive(Default)]
+pub struct TlsProbes {
+    /// Per probed object file: its links, and the traced processes that map it.
+    attached: HashMap<FileId, Attached>,
+    /// Whether an executable exports `SSL_write`, by path: ELF symbol tables are read once.
+    exports: HashMap<PathBuf, bool>,
+    /// The thread-group id of each traced task id (TRACED_PIDS holds both).
+    tgids: HashMap<u32, Option<u32>>,
+}
+
+/// A file, whoever's mount namespace it is seen through: (device, inode).
+type FileId = (u64, u64);
+
+#[derive(Default)]
+struct Attached {
+    users: HashSet<u32>,
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
+impl TlsProbes {
+    /// Load the uprobe programs (attached later, per object).
+    pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        for name in FUNCTIONS.iter().map(|(name, _)| *name).chain([RETURN]) {
+            uprobe(ebpf, name)?.load().map_err(|source| ProbeError::Program { program: name, tracepoint: "uprobe".into(), source })?;
+        }
+        Ok(Self::default())
+    }
+
+    /// Attach to what the traced tasks (`tasks`: process or thread ids; None: every process)
+    /// map now, and detach from files no traced process maps any more.
+    pub fn refresh(&mut self, ebpf: &mut Ebpf, tasks: Option<&HashSet<u32>>) {
+        let processes: HashSet<u32> = match tasks {
+            Some(tasks) => self.processes_of(tasks),
+            None => all_processes(),
+        };
+        for attached in self.attached.values_mut() {
+            attached.users.retain(|pid| processes.contains(pid));
+        }
+        for &pid in &processes {
+            for object in self.ssl_objects(pid) {
+                let Ok(meta) = std::fs::metadata(&object) else { continue };
+                let attached = self.attached.entry((meta.dev(), meta.ino())).or_default();
+                if attached.users.is_empty() && attached.links.is_empty() {
+                    attached.links = attach(ebpf, &object, pid);
+                }
+                attached.users.insert(pid);
+            }
+        }
+        let unused: Vec<FileId> = self.attached.iter().filter(|(_, a)| a.users.is_empty()).map(|(id, _)| *id).collect();
+        for id in unused {
+            if let Some(attached) = self.attached.remove(&id) {
+                detach(ebpf, attached.links);
+            }
+        }
+    }
+
+    /// The processes among traced task ids.
+    fn processes_of(&mut self, tasks: &HashSet<u32>) -> HashSet<u32> {
+        self.tgids.retain(|task, _| tasks.contains(task));
+        tasks.iter().filter_map(|&task| *self.tgids.entry(task).or_insert_with(|| tgid_of(task))).collect()
+    }
+
+    /// The OpenSSL objects process `pid` maps, as paths the agent can open: every libssl, and
+    /// its executable when that exports `SSL_write`.
+    fn ssl_objects(&mut self, pid: u32) -> Vec<PathBuf> {
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return Vec::new() };
+        let mut objects: Vec<PathBuf> = mapped_files(&maps)
+            .filter(|path| is_libssl(path))
+            .map(|path| root.join(path.strip_prefix("/").unwrap_or(path)))
+            .collect();
+        if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+            let exe = root.join(exe.strip_prefix("/").unwrap_or(&exe));
+            let exports = *self.exports.entry(exe.clone()).or_insert_with(|| exports_ssl(&exe));
+            if exports {
+                objects.push(exe);
+            }
+        }
+        objects.sort();
+        objects.dedup();
+        objects
+    }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|source| ProbeError::Program { program: name, tracepoint: "uprobe".into(), source })
+}
+
+/// Attach every function the object has (found through process `pid`); one it lacks (`_ex`
+/// before OpenSSL 1.1.1) is skipped.
+fn attach(ebpf: &mut Ebpf, object: &Path, pid: u32) -> Vec<(&'static str, UProbeLinkId)> {
+    let mut links = Vec::new();
+    for (entry, symbol) in FUNCTIONS {
+        for program in [entry, RETURN] {
+            let attached = uprobe(ebpf, program).and_then(|probe| {
+                probe
+                    .attach(symbol, object, UProbeScope::AllProcesses)
+                    .map_err(|source| ProbeError::Program { program, tracepoint: format!("{}:{symbol}", object.display()), source })
+            });
+            match attached {
+                Ok(link) => links.push((program, link)),
+                Err(e) => {
+                    log::debug!("TLS: pid {pid}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    if !links.is_empty() {
+        log::info!("TLS: OpenSSL uprobes on {} (pid {pid}, {} links)", object.display(), links.len());
+    }
+    links
+}
+
+fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
+    for (program, link) in links {
+        if let Ok(probe) = uprobe(ebpf, program) {
+            // A process that exited took its probes with it: a failed detach is fine.
+            let _ = probe.detach(link);
+        }
+    }
+}
+
+/// The file paths of a /proc/PID/maps text (its sixth column), deleted files excluded.
+fn mapped_files(maps: &str) -> impl Iterator<Item = &Path> {
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|path| path.starts_with('/'))
+        .map(Path::new)
+}
+
+/// `libssl.so`, `libssl.so.3`, `libssl.so.1.1`...
+fn is_libssl(path: &Path) -> bool {
+    path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with("libssl.so"))
+}
+
+/// Whether an executable defines `SSL_write` (node does; most programs do not).
+fn exports_ssl(path: &Path) -> bool {
+    let Ok(data) = std::fs::read(path) else { return false };
+    let Ok(file) = object::File::parse(&*data) else { return false };
+    file.dynamic_symbols().chain(file.symbols()).any(|symbol| symbol.is_definition() && symbol.name() == Ok("SSL_write"))
+}
+
+fn tgid_of(task: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{task}/status")).ok()?;
+    status.lines().find_map(|line| line.strip_prefix("Tgid:")?.trim().parse().ok())
+}
+
+fn all_processes() -> HashSet<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return HashSet::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != me)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_every_libssl_in_the_maps() {
+        let maps = "\
+55d0c0a00000-55d0c0a2b000 r--p 00000000 fe:01 1311 /usr/sbin/nginx
+7f3a1c000000-7f3a1c09a000 r--p 00000000 fe:01 2222 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f3a1c09a000-7f3a1c0f0000 r-xp 0009a000 fe:01 2222 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f3a1d000000-7f3a1d010000 r-xp 00000000 fe:01 3333 /opt/app/lib/libssl.so.1.1
+7f3a1e000000-7f3a1e010000 r-xp 00000000 fe:01 4444 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7ffd5a000000-7ffd5a021000 rw-p 00000000 00:00 0 [stack]
+7f3a1f000000-7f3a1f001000 rw-p 00000000 00:00 0
+";
+        let mut ssl: Vec<&Path> = mapped_files(maps).filter(|p| is_libssl(p)).collect();
+        ssl.dedup();
+        assert_eq!(ssl, [Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3"), Path::new("/opt/app/lib/libssl.so.1.1")]);
+    }
+
+    #[test]
+    fn tells_programs_that_export_openssl() {
+        // The test binary itself links no OpenSSL.
+        assert!(!exports_ssl(&std::env::current_exe().unwrap()));
+        assert!(!exports_ssl(Path::new("/nonexistent")));
+        if let Some(libssl) = ["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/usr/lib/aarch64-linux-gnu/libssl.so.3"]
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+        {
+            assert!(exports_ssl(libssl));
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! TLS through OpenSSL: uprobes on `SSL_read`, `SSL_write`, `SSL_read_ex` and `SSL_write_ex` see
+//! the plaintext a traced process reads and writes; it then takes the path a plaintext syscall's
+//! bytes take (`syscalls::on_bytes`), so every protocol parses it alike.
+//!
+//! Which socket: the read or write syscall the thread makes inside the call names it
+//! (`note_socket`), remembered per `SSL*` for calls OpenSSL answers from its own buffer without a
+//! syscall. The ciphertext is never parsed: a connection whose first bytes are a TLS record, or
+//! that an OpenSSL call used, is marked `tls`, and its syscalls are left alone from then on.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use zerotel_abi::{buffer, conn_key, counters, direction, kind, protocol, ConnState, ConnTlsEvent, InFlight};
+
+use crate::{
+    conns::header,
+    maps::{count, is_traced, CONNS, EVENTS, TLS_CALLS, TLS_SOCKETS},
+    syscalls,
+};
+
+/// [`TlsCall::fd`] before a syscall inside the call named the socket.
+const NO_FD: u32 = u32::MAX;
+
+/// An OpenSSL read or write in flight on a thread (`TLS_CALLS`, by pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    ssl: u64,
+    buf: u64,
+    /// `SSL_*_ex`: where OpenSSL writes the byte count; 0 when the return value is the count.
+    moved: u64,
+    start_ns: u64,
+    fd: u32,
+    /// [`direction`].
+    direction: u8,
+    _pad: [u8; 3],
+}
+
+/// `TLS_SOCKETS` key: an `SSL*` of a process.
+#[repr(C)]
+pub struct TlsSocketKey {
+    tgid: u64,
+    ssl: u64,
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, dir: u8, ex: bool) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return None;
+    }
+    let moved = if ex { ctx.arg::<u64>(3)? } else { 0 };
+    // SAFETY: helper without arguments.
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let call = TlsCall { ssl: ctx.arg(0)?, buf: ctx.arg(1)?, moved, start_ns, fd: NO_FD, direction: dir, _pad: [0; 3] };
+    TLS_CALLS.insert(&pid_tgid, &call, 0).ok()
+}
+
+/// `int SSL_write(SSL *ssl, const void *buf, int num)`.
+#[uprobe]
+pub fn zt_ssl_write(ctx: ProbeContext) -> u32 {
+    let _ = enter(&ctx, direction::EGRESS, false);
+    0
+}
+
+/// `int SSL_read(SSL *ssl, void *buf, int num)`.
+#[uprobe]
+pub fn zt_ssl_read(ctx: ProbeContext) -> u32 {
+    let _ = enter(&ctx, direction::INGRESS, false);
+    0
+}
+
+/// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`.
+#[uprobe]
+pub fn zt_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    let _ = enter(&ctx, direction::EGRESS, true);
+    0
+}
+
+/// `int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)`.
+#[uprobe]
+pub fn zt_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    let _ = enter(&ctx, direction::INGRESS, true);
+    0
+}
+
+/// The return of any of the four: `int`, the byte count (plain) or 1 on success (`_ex`).
+#[uretprobe]
+pub fn zt_ssl_return(ctx: RetProbeContext) -> u32 {
+    let _ = try_ssl_return(&ctx);
+    0
+}
+
+fn try_ssl_return(ctx: &RetProbeContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: plain-old-data value, copied out before removal.
+    let call = unsafe { TLS_CALLS.get(&pid_tgid) }.copied()?;
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    // An `int`: the register's upper half is not part of it.
+    let ret = ctx.ret::<u64>() as u32 as i32;
+    let len = if call.moved != 0 {
+        if ret != 1 {
+            return None;
+        }
+        // SAFETY: probe read faults safely.
+        unsafe { bpf_probe_read_user(call.moved as *const u64) }.ok()?
+    } else {
+        u64::try_from(ret).ok()?
+    };
+    if len == 0 {
+        return None;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = if call.fd != NO_FD {
+        call.fd
+    } else {
+        // SAFETY: a plain u32 value, copied.
+        *unsafe { TLS_SOCKETS.get(&TlsSocketKey { tgid: u64::from(tgid), ssl: call.ssl }) }?
+    };
+    let key = conn_key(tgid, fd);
+    // SAFETY: a live map value (see `syscalls::try_exit_data`).
+    let conn = unsafe { &mut *CONNS.get_ptr_mut(&key)? };
+    if conn.tls == 0 {
+        mark(conn, pid_tgid); // a connection OpenSSL reads or writes carries TLS
+    }
+    let flight = InFlight { buf: call.buf, start_ns: call.start_ns, fd, direction: call.direction, buffer: buffer::PLAIN, _pad: [0; 2] };
+    syscalls::on_bytes(pid_tgid, &flight, key, conn, len);
+    Some(())
+}
+
+/// A syscall on socket `fd`: when an OpenSSL call is in flight on the thread, that is its socket.
+#[inline(always)]
+pub fn note_socket(pid_tgid: u64, fd: u32) {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else { return };
+    // SAFETY: a live map value of this thread's.
+    let ssl = unsafe {
+        (*call).fd = fd;
+        (*call).ssl
+    };
+    let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl };
+    let _ = TLS_SOCKETS.insert(&key, &fd, 0);
+}
+
+/// The connection carries TLS: its syscalls move ciphertext from now on, and its plaintext
+/// starts its own stream (protocol, offsets).
+#[inline(always)]
+pub fn mark(conn: &mut ConnState, pid_tgid: u64) {
+    conn.tls = 1;
+    conn.protocol = protocol::UNKNOWN;
+    conn.seq = [0, 0];
+    conn.capture_next = [0, 0];
+    conn.request_outstanding = 0;
+    let event = ConnTlsEvent { header: header(kind::CONN_TLS, pid_tgid), conn_id: conn.conn_id };
+    match EVENTS.output::<ConnTlsEvent>(&event, 0) {
+        Ok(()) => count(counters::TRAFFIC_EVENTS),
+        Err(_) => count(counters::EVENTS_LOST),
+    }
+}

@@ -1,0 +1,111 @@
+//! HTTPS through the OpenSSL uprobes: curl and Python urllib (the system libssl) against nginx
+//! and a Python ssl server, both ends traced. The spans are those the same requests give over
+//! plain HTTP, with `url.scheme=https`; the ciphertext never becomes a span.
+
+use std::collections::BTreeMap;
+
+use zerotel_tests::clients::{parse_curl_output, parse_urllib_output};
+use zerotel_tests::otlp::Value;
+use zerotel_tests::servers::Nginx;
+use zerotel_tests::tls::SelfSignedCert;
+use zerotel_tests::{
+    curl_args_many, describe, find_span, paused_client, paused_urllib_client, pid_args, require_kernel, Agent,
+    OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind, SPAN_TIMEOUT,
+};
+
+/// Attributes that differ between two runs of the same request (ports, and the scheme itself).
+const PER_RUN: [&str; 5] = ["url.scheme", "url.full", "server.port", "network.peer.port", "client.address"];
+
+/// What must be equal between the plaintext and the TLS span of a request.
+fn comparable(span: &ReceivedSpan) -> (String, SpanKind, bool, BTreeMap<String, Value>) {
+    let attributes = span.attributes.iter().filter(|(k, _)| !PER_RUN.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    (span.name.clone(), span.kind, span.status_error, attributes)
+}
+
+/// curl fetches /ok and /fail from `nginx` on one connection, both traced: the spans of each side.
+fn curl_to_nginx(nginx: &Nginx) -> Vec<ReceivedSpan> {
+    let urls = [nginx.url("/ok"), nginx.url("/fail")];
+    let curl = paused_client(&curl_args_many(&[urls[0].as_str(), urls[1].as_str()], &["-k"]));
+    let curl_pid = curl.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let mut pids = nginx.pids();
+    pids.push(curl_pid);
+    let agent = Agent::start(&pid_args(&pids), Some(&receiver));
+    let statuses: Vec<u16> = parse_curl_output(&curl.release()).iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 503]);
+    let of = |spans: &[ReceivedSpan], kind| spans.iter().filter(|s| s.kind == kind).count();
+    receiver.wait_for(|spans| of(spans, SpanKind::Client) >= 2 && of(spans, SpanKind::Server) >= 2, SPAN_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spans = receiver.spans();
+    drop(agent);
+    let all = describe(&spans);
+    assert_eq!((of(&spans, SpanKind::Client), of(&spans, SpanKind::Server), spans.len()), (2, 2, 4), "{all}");
+    for span in &spans {
+        let pid = span.pid().expect("process.pid");
+        assert_eq!(span.kind == SpanKind::Client, pid == curl_pid, "{all}");
+    }
+    spans
+}
+
+#[test]
+fn curl_to_nginx_over_tls_gives_the_spans_plaintext_gives() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let (plain, tls) = (Nginx::start(), Nginx::start_tls(&cert));
+    let plain_spans = curl_to_nginx(&plain);
+    let tls_spans = curl_to_nginx(&tls);
+    for (kind, path) in [(SpanKind::Client, "/ok"), (SpanKind::Server, "/ok"), (SpanKind::Client, "/fail"), (SpanKind::Server, "/fail")] {
+        let what = format!("{kind:?} {path}");
+        let find = |spans: &[ReceivedSpan]| find_span(spans, &what, |s| s.kind == kind && s.attr_str("url.path") == Some(path)).clone();
+        let (plain_span, tls_span) = (find(&plain_spans), find(&tls_spans));
+        assert_eq!(comparable(&tls_span), comparable(&plain_span), "{what}:\n{plain_span}\n{tls_span}");
+        assert_eq!(plain_span.attr_str("url.scheme"), Some("http"), "{plain_span}");
+        assert_eq!(tls_span.attr_str("url.scheme"), Some("https"), "{tls_span}");
+        assert_eq!(tls_span.attr_int("server.port"), Some(i64::from(tls.port())), "{tls_span}");
+        if kind == SpanKind::Client {
+            assert_eq!(tls_span.attr_str("url.full"), Some(tls.url(path).as_str()), "{tls_span}");
+        }
+    }
+}
+
+/// Python on both ends (`_ssl`: `SSL_read_ex`/`SSL_write_ex`): urllib calls a front that calls a
+/// backend from its handling thread, all over TLS. The front's call is the child of the request
+/// it serves, as over plain HTTP.
+#[test]
+fn python_over_tls_keeps_in_process_parentage() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let backend = PyServer::start_tls("backend.py", &cert);
+    let front = PyServer::start_tls("front.py", &cert);
+    let url = front.url(&format!("/chain?to={}", backend.url("/users/7")));
+    let client = paused_urllib_client(&url);
+    let client_pid = client.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&pid_args(&[client_pid, front.pid(), backend.pid()]), Some(&receiver));
+    assert_eq!(parse_urllib_output(&client.release()).status, 200);
+    receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spans = receiver.spans();
+    drop(agent);
+    let all = describe(&spans);
+    assert_eq!(spans.len(), 4, "{all}");
+    let span = |kind, pid, path: &str| find_span(&spans, &format!("{kind:?} {path} of {pid}"), |s| s.is(kind, pid, path)).clone();
+    let urllib = span(SpanKind::Client, client_pid, "/chain");
+    let front_server = span(SpanKind::Server, front.pid(), "/chain");
+    let front_client = span(SpanKind::Client, front.pid(), "/users/7");
+    let backend_server = span(SpanKind::Server, backend.pid(), "/users/7");
+    for span in [&urllib, &front_server, &front_client, &backend_server] {
+        assert_eq!(span.attr_str("url.scheme"), Some("https"), "{span}");
+        assert_eq!(span.attr_int("http.response.status_code"), Some(200), "{span}");
+        assert_eq!(span.attr_str("network.protocol.version"), Some("1.1"), "{span}");
+    }
+    assert_eq!(
+        (&front_client.trace_id, &front_client.parent_span_id),
+        (&front_server.trace_id, &front_server.span_id),
+        "the front's call under the request it serves:\n{all}"
+    );
+}
