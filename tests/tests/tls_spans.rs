@@ -1,6 +1,7 @@
 //! HTTPS through the OpenSSL uprobes: curl and Python urllib (the system libssl) against nginx
 //! and a Python ssl server, both ends traced. The spans are those the same requests give over
-//! plain HTTP, with `url.scheme=https`; the ciphertext never becomes a span.
+//! plain HTTP, with `url.scheme=https`; the ciphertext never becomes a span. Trace context goes
+//! from a traced client to a traced server in a TCP header option.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,8 @@ use zerotel_tests::otlp::Value;
 use zerotel_tests::servers::Nginx;
 use zerotel_tests::tls::SelfSignedCert;
 use zerotel_tests::{
-    curl_args_many, describe, find_span, paused_client, paused_urllib_client, pid_args, require_kernel, Agent,
+    curl_args_many, describe, find_span, paused_client, paused_urllib_client, pid_args, propagating_pid_args,
+    require_kernel, Agent,
     OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind, SPAN_TIMEOUT,
 };
 
@@ -70,11 +72,12 @@ fn curl_to_nginx_over_tls_gives_the_spans_plaintext_gives() {
     }
 }
 
-/// Python on both ends (`_ssl`: `SSL_read_ex`/`SSL_write_ex`): urllib calls a front that calls a
-/// backend from its handling thread, all over TLS. The front's call is the child of the request
-/// it serves, as over plain HTTP.
+/// Python on every hop (`_ssl`: `SSL_read_ex`/`SSL_write_ex`): urllib calls a front that calls
+/// a backend from its handling thread, all over TLS and all traced. One trace: each SERVER span
+/// is the child of the CLIENT span that called it (its context came in a TCP option), and the
+/// front's call is the child of the request it serves.
 #[test]
-fn python_over_tls_keeps_in_process_parentage() {
+fn python_over_tls_is_one_trace_through_the_tcp_option() {
     if !require_kernel() {
         return;
     }
@@ -85,7 +88,7 @@ fn python_over_tls_keeps_in_process_parentage() {
     let client = paused_urllib_client(&url);
     let client_pid = client.pid();
     let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&pid_args(&[client_pid, front.pid(), backend.pid()]), Some(&receiver));
+    let agent = Agent::start(&propagating_pid_args(&[client_pid, front.pid(), backend.pid()]), Some(&receiver));
     assert_eq!(parse_urllib_output(&client.release()).status, 200);
     receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -103,9 +106,13 @@ fn python_over_tls_keeps_in_process_parentage() {
         assert_eq!(span.attr_int("http.response.status_code"), Some(200), "{span}");
         assert_eq!(span.attr_str("network.protocol.version"), Some("1.1"), "{span}");
     }
-    assert_eq!(
-        (&front_client.trace_id, &front_client.parent_span_id),
-        (&front_server.trace_id, &front_server.span_id),
-        "the front's call under the request it serves:\n{all}"
-    );
+    assert!(urllib.is_root(), "{all}");
+    let links = [
+        (&urllib, &front_server, "the front's SERVER span under urllib's call (TCP option)"),
+        (&front_server, &front_client, "the front's call under the request it serves"),
+        (&front_client, &backend_server, "the backend's SERVER span under the front's call (TCP option)"),
+    ];
+    for (parent, child, what) in links {
+        assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
+    }
 }

@@ -66,6 +66,11 @@ impl Connection {
     pub fn start_tls(&mut self) {
         self.tls = true;
         self.next_seq = [None; 2];
+        // A PostgreSQL session starts over inside TLS (its StartupMessage comes next).
+        self.http = Http1Connection::new();
+        self.postgres = None;
+        self.kafka = None;
+        self.h2 = None;
     }
 
     /// Turn a data event into a decoder segment: which side of the exchange it carries, when its

@@ -69,6 +69,18 @@ pub struct ConnState {
     pub h2_out: H2Outgoing,
     /// HTTP/2 server: where the frames stand, and which requests are being served.
     pub h2_server: H2Serving,
+    /// [`socket_key`] of the connection as this end sees it: how `sock_ops`, which knows
+    /// sockets and not file descriptors, finds the trace context a TCP option carries.
+    pub socket_key: u64,
+}
+
+/// A connection as one end sees it: its port, the peer's port and (the last 4 bytes of an IPv6)
+/// address. `family` is AF_INET (2) or AF_INET6 (10); addresses and ports in host order.
+#[inline(always)]
+pub const fn socket_key(family: u16, local_port: u16, remote_port: u16, remote_addr: &[u8; 16]) -> u64 {
+    let at = if family == 10 { 12 } else { 0 };
+    let addr = u32::from_be_bytes([remote_addr[at], remote_addr[at + 1], remote_addr[at + 2], remote_addr[at + 3]]);
+    ((local_port as u64) << 48) | ((remote_port as u64) << 32) | addr as u64
 }
 
 /// What the kernel follows of a traced HTTP/2 server's connection (in its stream chunks): the

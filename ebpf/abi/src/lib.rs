@@ -88,6 +88,8 @@ pub mod limits {
     /// OpenSSL calls in flight (one per thread), and `SSL*` objects whose socket is known.
     pub const TLS_CALLS: u32 = 16_384;
     pub const TLS_SOCKETS: u32 = 65_536;
+    /// Trace contexts waiting to leave in, or read from, a TCP header option (`tcp_option`).
+    pub const TCP_OPTION_CONTEXTS: u32 = 65_536;
     /// HTTP/2 streams traced servers serve at once (past it, the oldest are forgotten, and their
     /// processes never count as serving exactly one request again until their connections close).
     pub const H2_SERVER_STREAMS: u32 = 65_536;

@@ -106,7 +106,9 @@ fn track(fd: u32, conn_role: u8) -> Result<(), i32> {
     let (local, remote) = endpoints(&off, sk).ok_or(0i32)?;
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let state = ConnState { conn_id: next_conn_id(), role: conn_role, protocol: protocol::UNKNOWN, ..Default::default() };
+    let socket_key = zerotel_abi::socket_key(local.family, local.port, remote.port, &remote.addr);
+    let state =
+        ConnState { conn_id: next_conn_id(), role: conn_role, protocol: protocol::UNKNOWN, socket_key, ..Default::default() };
     CONNS.insert(conn_key(tgid, fd), state, 0)?;
     let Some(mut entry) = EVENTS.reserve::<ConnOpenEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);

@@ -7,7 +7,10 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use zerotel_abi::{SpanIds, ThreadContext, MAX_CAPTURE};
 
-use crate::maps::{sampler, ProcessServing, INJECTED, PROCESS_SERVING, THREAD_CONTEXT};
+use crate::{
+    maps::{sampler, ProcessServing, INJECTED, PROCESS_SERVING, THREAD_CONTEXT},
+    tcp_option,
+};
 
 /// The header name; its value `00-` + 32 + `-` + 16 + `-` + 2 hex is VALUE_LEN long.
 const HEADER: &[u8; 12] = b"traceparent:";
@@ -16,10 +19,11 @@ const VALUE_LEN: usize = 55;
 const SCAN_LIMIT: usize = MAX_CAPTURE - HEADER.len() - VALUE_LEN - 2;
 
 /// Decide the ids of a request a traced server just read, into `ids` (the event's own memory:
-/// the BPF stack is too small for copies); the thread now serves it.
+/// the BPF stack is too small for copies); the thread now serves it. The caller's context is its
+/// `traceparent` header, else (over TLS, `option_key` not 0) what a TCP option brought.
 #[inline(always)]
-pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, ids: &mut SpanIds) {
-    let continued = parse_traceparent(head, len, ids);
+pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, option_key: u64, ids: &mut SpanIds) {
+    let continued = parse_traceparent(head, len, ids) || (option_key != 0 && tcp_option::received(option_key, ids));
     server_ids(ids, continued);
     let context = thread_context(ids);
     // SAFETY: only compared against None.

@@ -22,6 +22,7 @@ mod propagation;
 mod propagation_h2;
 mod stream;
 mod syscalls;
+mod tcp_option;
 mod tls;
 mod upgrade;
 

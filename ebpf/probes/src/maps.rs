@@ -65,6 +65,18 @@ pub static TLS_CALLS: LruHashMap<u64, crate::tls::TlsCall> =
 pub static TLS_SOCKETS: LruHashMap<crate::tls::TlsSocketKey, u32> =
     LruHashMap::with_max_entries(limits::TLS_SOCKETS, BPF_F_NO_COMMON_LRU);
 
+/// Trace context a traced client's TLS connection sends in a TCP option, by `socket_key`
+/// (`tcp_option`). LRU: closed connections are never announced to sock_ops.
+#[map]
+pub static TCP_OPTION_OUT: LruHashMap<u64, crate::tcp_option::TcpOption> =
+    LruHashMap::with_max_entries(limits::TCP_OPTION_CONTEXTS, 0);
+
+/// Trace context a connection's segments brought in a TCP option, by `socket_key`, until the
+/// request they carried is read.
+#[map]
+pub static TCP_OPTION_IN: LruHashMap<u64, crate::tcp_option::TcpOption> =
+    LruHashMap::with_max_entries(limits::TCP_OPTION_CONTEXTS, 0);
+
 /// Key of `H2_SERVER_STREAMS`.
 #[repr(C)]
 pub struct H2StreamKey {

@@ -118,8 +118,12 @@ fn startup(conn: &mut ConnState, walk: &mut Walk, backend: bool) -> u64 {
         // SAFETY: probe read faults safely.
         let answer: u8 = unsafe { aya_ebpf::helpers::bpf_probe_read_user(walk.data as *const u8) }.unwrap_or(0);
         emit(&walk.record, answer, 0, 0, 0, 0);
-        if answer != b'N' {
-            conn.protocol = protocol::OTHER; // encrypted from here on
+        if answer == b'S' {
+            // TLS from here on: the session starts over in the plaintext the uprobes see.
+            let header = walk.record.header;
+            crate::tls::mark(conn, (u64::from(header.pid) << 32) | u64::from(header.tid));
+        } else if answer != b'N' {
+            conn.protocol = protocol::OTHER; // GSS encryption
         }
         return 1;
     }

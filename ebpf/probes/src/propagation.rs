@@ -19,7 +19,7 @@ use aya_ebpf::{
 use zerotel_abi::{buffer, conn_key, direction, protocol, role, ConnState, SpanIds};
 
 use crate::{
-    context, propagation_h2,
+    context, propagation_h2, tcp_option,
     maps::{is_traced, CONNECTING, CONNS, INJECTED, INJECT_SOCKS, IN_FLIGHT, PROPAGATE, SCRATCH},
 };
 
@@ -51,9 +51,13 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
     if !enabled() {
         return 1;
     }
+    let op = ctx.op();
+    if tcp_option::on_sock_ops(&ctx, op) {
+        return 1;
+    }
     // SAFETY: the context pointer is the kernel's bpf_sock_ops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    match ctx.op() {
+    match op {
         TCP_CONNECT_CB if is_traced((bpf_get_current_pid_tgid() >> 32) as u32) => {
             let _ = CONNECTING.insert(cookie, 1, 0);
         }
@@ -63,6 +67,7 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
             // SAFETY: the context's own socket.
             let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
             let _ = INJECT_SOCKS.update(cookie, ops, u64::from(BPF_NOEXIST));
+            tcp_option::writing(&ctx); // for TLS, where sk_msg sees ciphertext
         }
         _ => {}
     }

@@ -43,7 +43,7 @@ fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     // SAFETY: plain-old-data value.
     let conn = unsafe { CONNS.get(conn_key(tgid, fd)) }.ok_or(0i32)?;
     if conn.tls != 0 || conn.protocol == protocol::UNKNOWN {
-        tls::note_socket(pid_tgid, fd); // an OpenSSL call in flight names its socket
+        tls::note_socket(pid_tgid, fd, conn); // an OpenSSL call in flight names its socket
     }
     if conn.protocol == protocol::OTHER || conn.tls != 0 {
         return Ok(());
@@ -220,7 +220,9 @@ pub fn on_bytes(pid_tgid: u64, call: &InFlight, key: u64, conn: &mut ConnState, 
     if moment == Moment::ServerResponse {
         context::server_responded(pid_tgid);
     }
-    if capture { emit_with_payload(meta, data, avail, moment) } else { emit_meta(meta) }
+    // Over TLS, trace context may come in a TCP option instead of a header.
+    let option_key = if conn.tls != 0 { conn.socket_key } else { 0 };
+    if capture { emit_with_payload(meta, data, avail, moment, option_key) } else { emit_meta(meta) }
 }
 
 /// A connection's protocol, from its first bytes.
@@ -356,7 +358,7 @@ fn emit_meta(meta: DataMeta) {
 }
 
 #[inline(always)]
-fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment) {
+fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment, option_key: u64) {
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
         count(counters::EVENTS_LOST);
         return;
@@ -382,7 +384,7 @@ fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment) 
         // SAFETY: the first `size` bytes were just written; the scan reads no further.
         let head = unsafe { &*core::ptr::addr_of!((*event).payload) };
         match moment {
-            Moment::ServerRequest => context::server_request(meta_pid_tgid(&meta), head, size as usize, ids),
+            Moment::ServerRequest => context::server_request(meta_pid_tgid(&meta), head, size as usize, option_key, ids),
             Moment::ClientRequest => context::sent_request(meta_pid_tgid(&meta), ids),
             Moment::Nothing | Moment::ServerResponse => {}
         }

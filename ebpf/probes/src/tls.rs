@@ -12,12 +12,14 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use zerotel_abi::{buffer, conn_key, counters, direction, kind, protocol, ConnState, ConnTlsEvent, InFlight};
+use zerotel_abi::{buffer, conn_key, counters, direction, kind, protocol, role, ConnState, ConnTlsEvent, InFlight, SpanIds};
 
 use crate::{
+    classify::is_http_request_start,
     conns::header,
-    maps::{count, is_traced, CONNS, EVENTS, TLS_CALLS, TLS_SOCKETS},
-    syscalls,
+    context,
+    maps::{count, is_traced, CONNS, EVENTS, INJECTED, TLS_CALLS, TLS_SOCKETS},
+    propagation, syscalls, tcp_option,
 };
 
 /// [`TlsCall::fd`] before a syscall inside the call named the socket.
@@ -35,7 +37,9 @@ pub struct TlsCall {
     fd: u32,
     /// [`direction`].
     direction: u8,
-    _pad: [u8; 3],
+    /// Set once the call's first syscall decided whether it sends a request (`note_socket`).
+    decided: u8,
+    _pad: [u8; 2],
 }
 
 /// `TLS_SOCKETS` key: an `SSL*` of a process.
@@ -54,7 +58,16 @@ fn enter(ctx: &ProbeContext, dir: u8, ex: bool) -> Option<()> {
     let moved = if ex { ctx.arg::<u64>(3)? } else { 0 };
     // SAFETY: helper without arguments.
     let start_ns = unsafe { bpf_ktime_get_ns() };
-    let call = TlsCall { ssl: ctx.arg(0)?, buf: ctx.arg(1)?, moved, start_ns, fd: NO_FD, direction: dir, _pad: [0; 3] };
+    let call = TlsCall {
+        ssl: ctx.arg(0)?,
+        buf: ctx.arg(1)?,
+        moved,
+        start_ns,
+        fd: NO_FD,
+        direction: dir,
+        decided: 0,
+        _pad: [0; 2],
+    };
     TLS_CALLS.insert(&pid_tgid, &call, 0).ok()
 }
 
@@ -130,17 +143,40 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Option<()> {
     Some(())
 }
 
-/// A syscall on socket `fd`: when an OpenSSL call is in flight on the thread, that is its socket.
+/// A syscall on socket `fd` (connection `conn`): when an OpenSSL call is in flight on the thread,
+/// that is its socket.
 #[inline(always)]
-pub fn note_socket(pid_tgid: u64, fd: u32) {
+pub fn note_socket(pid_tgid: u64, fd: u32, conn: &ConnState) {
     let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else { return };
     // SAFETY: a live map value of this thread's.
-    let ssl = unsafe {
-        (*call).fd = fd;
-        (*call).ssl
-    };
-    let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl };
+    let call = unsafe { &mut *call };
+    call.fd = fd;
+    let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl: call.ssl };
     let _ = TLS_SOCKETS.insert(&key, &fd, 0);
+    if call.decided == 0 && call.direction == direction::EGRESS && conn.role == role::CLIENT {
+        call.decided = 1;
+        propagate(pid_tgid, call.buf, conn);
+    }
+}
+
+/// A traced client's TLS write is about to leave: when it starts an HTTP/1 request, decide the
+/// request's ids now, before TCP builds the segments, so they carry its context (`tcp_option`).
+/// The plaintext's event then reports the same ids (`context::sent_request`).
+#[inline(always)]
+fn propagate(pid_tgid: u64, buf: u64, conn: &ConnState) {
+    if !propagation::enabled() || !matches!(conn.protocol, protocol::UNKNOWN | protocol::HTTP1) {
+        return;
+    }
+    // SAFETY: probe read faults safely.
+    let Ok(prefix) = (unsafe { bpf_probe_read_user(buf as *const [u8; 8]) }) else { return };
+    if !is_http_request_start(&prefix) {
+        return;
+    }
+    let mut ids = SpanIds::default();
+    context::client_request(pid_tgid, &mut ids);
+    if INJECTED.insert(&pid_tgid, &ids, 0).is_ok() {
+        tcp_option::send(conn.socket_key, &ids);
+    }
 }
 
 /// The connection carries TLS: its syscalls move ciphertext from now on, and its plaintext
@@ -152,6 +188,8 @@ pub fn mark(conn: &mut ConnState, pid_tgid: u64) {
     conn.seq = [0, 0];
     conn.capture_next = [0, 0];
     conn.request_outstanding = 0;
+    conn.pg_startup = 0;
+    conn.pg = Default::default();
     let event = ConnTlsEvent { header: header(kind::CONN_TLS, pid_tgid), conn_id: conn.conn_id };
     match EVENTS.output::<ConnTlsEvent>(&event, 0) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
