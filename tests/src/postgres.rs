@@ -41,6 +41,8 @@ const INSTALL_HINT: &str = "install PostgreSQL 15 (apt-get install postgresql, o
 /// stop`, SIGKILL if that fails) and removes its directory.
 pub struct Postgres {
     port: u16,
+    /// `sslmode=require` in the connection strings: the server has `ssl=on`.
+    tls: bool,
     pgbench_initialized: OnceLock<()>,
     // Dropped after `Drop::drop` stopped the server.
     dir: TempDir,
@@ -52,6 +54,16 @@ impl Postgres {
     /// log when there is one) if any step fails or the server is not ready
     /// within 10 s.
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// The same with `ssl=on` (a self-signed certificate made by `openssl req` in the data
+    /// directory), and clients connecting with `sslmode=require`.
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let started = Instant::now();
         let initdb = server_program("initdb");
         let pg_ctl = server_program("pg_ctl");
@@ -62,19 +74,23 @@ impl Postgres {
             expect_success(&mut chown, "chown the PostgreSQL dir", String::new);
         }
         // From here on, dropping `postgres` stops whatever was started.
-        let mut postgres = Postgres { port: 0, pgbench_initialized: OnceLock::new(), dir };
+        let mut postgres = Postgres { port: 0, tls, pgbench_initialized: OnceLock::new(), dir };
         let data = postgres.data_dir();
 
         let mut command = postgres.server_command(&initdb);
         command.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8"]);
         expect_success(&mut command, "initdb", String::new);
+        if tls {
+            postgres.make_certificate();
+        }
 
         // Chosen only now, so another test is unlikely to take it before the server binds it.
         postgres.port = free_port();
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off -c ssl={}",
             postgres.port,
-            data.display()
+            data.display(),
+            if tls { "on" } else { "off" }
         );
         let timeout = START_TIMEOUT_SECS.to_string();
         let mut command = postgres.server_command(&pg_ctl);
@@ -108,7 +124,28 @@ impl Postgres {
     }
 
     fn conninfo_for(&self, database: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+        let sslmode = if self.tls { " sslmode=require" } else { "" };
+        format!("host=127.0.0.1 port={} user=postgres dbname={database}{sslmode}", self.port)
+    }
+
+    /// `server.crt` and `server.key` in the data directory, owned by the server's user.
+    fn make_certificate(&self) {
+        let data = self.data_dir();
+        let mut openssl = Command::new("openssl");
+        openssl
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+            .arg(data.join("server.key"))
+            .arg("-out")
+            .arg(data.join("server.crt"));
+        expect_success(&mut openssl, "openssl req (server certificate)", String::new);
+        if running_as_root() {
+            let mut chown = Command::new("chown");
+            chown.arg(format!("{SERVER_USER}:{SERVER_USER}")).arg(data.join("server.key")).arg(data.join("server.crt"));
+            expect_success(&mut chown, "chown the certificate", String::new);
+        }
+        let mut chmod = Command::new("chmod");
+        chmod.arg("600").arg(data.join("server.key"));
+        expect_success(&mut chmod, "chmod the key", String::new);
     }
 
     /// The server log so far.

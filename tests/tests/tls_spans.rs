@@ -1,5 +1,5 @@
-//! HTTPS through the OpenSSL uprobes: curl and Python urllib (the system libssl) against nginx
-//! and a Python ssl server, both ends traced. The spans are those the same requests give over
+//! TLS through the OpenSSL uprobes: curl and Python urllib (the system libssl) against nginx
+//! and a Python ssl server, both ends traced, and psql against PostgreSQL with `ssl=on`. The spans are those the same requests give over
 //! plain HTTP, with `url.scheme=https`; the ciphertext never becomes a span. Trace context goes
 //! from a traced client to a traced server in a TCP header option.
 
@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use zerotel_tests::clients::{parse_curl_output, parse_urllib_output};
 use zerotel_tests::otlp::Value;
+use zerotel_tests::postgres::Postgres;
 use zerotel_tests::servers::Nginx;
 use zerotel_tests::tls::SelfSignedCert;
 use zerotel_tests::{
@@ -114,5 +115,45 @@ fn python_over_tls_is_one_trace_through_the_tcp_option() {
     ];
     for (parent, child, what) in links {
         assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
+    }
+}
+
+/// psql (libpq, the system libssl) with `sslmode=require` against PostgreSQL with `ssl=on`: the
+/// session negotiates TLS after its SSLRequest and starts over inside it; its statements give the
+/// CLIENT spans they give in plaintext.
+#[test]
+fn psql_over_tls_gives_the_spans_plaintext_gives() {
+    if !require_kernel() {
+        return;
+    }
+    let sql = "CREATE TABLE users (id int, email text); INSERT INTO users VALUES (7, 'ann@example.com'); \
+               SELECT email FROM users WHERE id = 7; SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let run = |pg: &Postgres| -> (String, Vec<ReceivedSpan>) {
+        let command = pg.psql_command(sql);
+        let mut args = vec![command.get_program().to_owned()];
+        args.extend(command.get_args().map(ToOwned::to_owned));
+        let psql = paused_client(&args);
+        let pid = psql.pid();
+        let receiver = OtlpReceiver::start(Protocol::Grpc);
+        let agent = Agent::start(&pid_args(&[pid]), Some(&receiver));
+        let output = psql.release();
+        assert!(output.status.success(), "{output:?}");
+        receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let mut spans = receiver.spans();
+        drop(agent);
+        spans.sort_by_key(|s| s.start_unix_ns);
+        (String::from_utf8_lossy(&output.stdout).into_owned(), spans)
+    };
+    let (plain_out, plain) = run(&Postgres::start());
+    let tls_pg = Postgres::start_tls();
+    let (tls_out, tls) = run(&tls_pg);
+    assert!(plain_out.contains(" f\n") && tls_out.contains(" t\n"), "pg_stat_ssl: {plain_out}\n{tls_out}");
+    let names = |spans: &[ReceivedSpan]| spans.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&tls), names(&plain), "{}\n{}", describe(&plain), describe(&tls));
+    assert_eq!(names(&tls), ["CREATE users", "INSERT users", "SELECT users", "SELECT pg_stat_ssl"]);
+    for (plain_span, tls_span) in plain.iter().zip(&tls) {
+        assert_eq!(comparable(tls_span), comparable(plain_span), "{plain_span}\n{tls_span}");
+        assert_eq!(tls_span.attr_int("server.port"), Some(i64::from(tls_pg.port())), "{tls_span}");
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! Attached per object file, for every process using it (the programs skip untraced ones): a
 //! process started later from a program whose libssl is probed already (a short-lived client)
-//! is traced from its first call, not from the next rescan. The price: an untraced process
-//! sharing that very file takes the uprobe's trap on each call, and returns at its first check.
+//! is traced from its first call, not from the next rescan. So the host's own libssl is probed
+//! from the start. The price: an untraced process sharing a probed file takes the uprobe's trap
+//! on each call, and returns at its first check.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,6 +29,20 @@ use super::{program, ProbeError};
 
 /// How often traced processes are looked at again.
 pub const RESCAN: Duration = Duration::from_secs(1);
+
+/// Where distributions keep the system libssl (Debian/Ubuntu multiarch, Fedora/RHEL, Alpine...).
+const HOST_LIBSSL: [&str; 8] = [
+    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+    "/usr/lib64/libssl.so.3",
+    "/usr/lib/libssl.so.3",
+    "/lib/libssl.so.3",
+    "/usr/lib/x86_64-linux-gnu/libssl.so.1.1",
+    "/usr/lib64/libssl.so.1.1",
+    "/usr/lib/libssl.so.1.1",
+];
+/// The user of the host's libssl in [`Attached::users`]: never goes away.
+const HOST: u32 = 0;
 
 /// (entry program, symbol): every one also gets the shared return program.
 const FUNCTIONS: [(&str, &str); 4] = [
@@ -75,17 +90,20 @@ impl TlsProbes {
             None => all_processes(),
         };
         for attached in self.attached.values_mut() {
-            attached.users.retain(|pid| processes.contains(pid));
+            attached.users.retain(|pid| *pid == HOST || processes.contains(pid));
         }
+        let mut objects: Vec<(u32, PathBuf)> =
+            HOST_LIBSSL.iter().map(PathBuf::from).filter(|path| path.exists()).map(|path| (HOST, path)).collect();
         for &pid in &processes {
-            for object in self.ssl_objects(pid) {
-                let Ok(meta) = std::fs::metadata(&object) else { continue };
-                let attached = self.attached.entry((meta.dev(), meta.ino())).or_default();
-                if attached.users.is_empty() && attached.links.is_empty() {
-                    attached.links = attach(ebpf, &object, pid);
-                }
-                attached.users.insert(pid);
+            objects.extend(self.ssl_objects(pid).into_iter().map(|object| (pid, object)));
+        }
+        for (pid, object) in objects {
+            let Ok(meta) = std::fs::metadata(&object) else { continue };
+            let attached = self.attached.entry((meta.dev(), meta.ino())).or_default();
+            if attached.users.is_empty() && attached.links.is_empty() {
+                attached.links = attach(ebpf, &object, pid);
             }
+            attached.users.insert(pid);
         }
         let unused: Vec<FileId> = self.attached.iter().filter(|(_, a)| a.users.is_empty()).map(|(id, _)| *id).collect();
         for id in unused {
