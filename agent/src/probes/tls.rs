@@ -3,11 +3,11 @@
 //! in /proc/PID/maps. Rescanned every [`RESCAN`]: processes traced later and libraries loaded
 //! later (dlopen) are picked up, and the probes of processes no longer traced are detached.
 //!
-//! Attached per object file, for every process using it (the programs skip untraced ones): a
-//! process started later from a program whose libssl is probed already (a short-lived client)
-//! is traced from its first call, not from the next rescan. So the host's own libssl is probed
-//! from the start. The price: an untraced process sharing a probed file takes the uprobe's trap
-//! on each call, and returns at its first check.
+//! Selected processes get probes of their own (an untraced process calling the same libssl pays
+//! nothing): on every libssl they map, and on the host's libssl even before they map it, so that
+//! a traced process that execs a short-lived client (a shell running curl or psql) is covered from
+//! the client's first call (the probes follow the task across exec). When every process is traced,
+//! each file is probed once for all of them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -41,9 +41,6 @@ const HOST_LIBSSL: [&str; 8] = [
     "/usr/lib64/libssl.so.1.1",
     "/usr/lib/libssl.so.1.1",
 ];
-/// The user of the host's libssl in [`Attached::users`]: never goes away.
-const HOST: u32 = 0;
-
 /// (entry program, symbol): every one also gets the shared return program.
 const FUNCTIONS: [(&str, &str); 4] = [
     ("zt_ssl_read", "SSL_read"),
@@ -56,8 +53,8 @@ const RETURN: &str = "zt_ssl_return";
 /// Where the probes are attached.
 #[derive(Default)]
 pub struct TlsProbes {
-    /// Per probed object file: its links, and the traced processes that map it.
-    attached: HashMap<FileId, Attached>,
+    /// Links per (process, object file); process 0 when the probes fire for every process.
+    attached: HashMap<(u32, FileId), Vec<(&'static str, UProbeLinkId)>>,
     /// Whether an executable exports `SSL_write`, by path: ELF symbol tables are read once.
     exports: HashMap<PathBuf, bool>,
     /// The thread-group id of each traced task id (TRACED_PIDS holds both).
@@ -66,12 +63,6 @@ pub struct TlsProbes {
 
 /// A file, whoever's mount namespace it is seen through: (device, inode).
 type FileId = (u64, u64);
-
-#[derive(Default)]
-struct Attached {
-    users: HashSet<u32>,
-    links: Vec<(&'static str, UProbeLinkId)>,
-}
 
 impl TlsProbes {
     /// Load the uprobe programs (attached later, per object).
@@ -83,32 +74,36 @@ impl TlsProbes {
     }
 
     /// Attach to what the traced tasks (`tasks`: process or thread ids; None: every process)
-    /// map now, and detach from files no traced process maps any more.
+    /// map now, and detach what no traced process needs any more.
     pub fn refresh(&mut self, ebpf: &mut Ebpf, tasks: Option<&HashSet<u32>>) {
-        let processes: HashSet<u32> = match tasks {
-            Some(tasks) => self.processes_of(tasks),
-            None => all_processes(),
-        };
-        for attached in self.attached.values_mut() {
-            attached.users.retain(|pid| *pid == HOST || processes.contains(pid));
-        }
-        let mut objects: Vec<(u32, PathBuf)> =
-            HOST_LIBSSL.iter().map(PathBuf::from).filter(|path| path.exists()).map(|path| (HOST, path)).collect();
-        for &pid in &processes {
-            objects.extend(self.ssl_objects(pid).into_iter().map(|object| (pid, object)));
-        }
-        for (pid, object) in objects {
-            let Ok(meta) = std::fs::metadata(&object) else { continue };
-            let attached = self.attached.entry((meta.dev(), meta.ino())).or_default();
-            if attached.users.is_empty() && attached.links.is_empty() {
-                attached.links = attach(ebpf, &object, pid);
+        let host: Vec<PathBuf> = HOST_LIBSSL.iter().map(PathBuf::from).filter(|path| path.exists()).collect();
+        let mut wanted: Vec<(u32, PathBuf)> = Vec::new();
+        match tasks {
+            Some(tasks) => {
+                for pid in self.processes_of(tasks) {
+                    wanted.extend(host.iter().chain(&self.ssl_objects(pid)).map(|object| (pid, object.clone())));
+                }
             }
-            attached.users.insert(pid);
+            None => {
+                wanted.extend(host.iter().map(|object| (0, object.clone())));
+                for pid in all_processes() {
+                    wanted.extend(self.ssl_objects(pid).into_iter().map(|object| (0, object)));
+                }
+            }
         }
-        let unused: Vec<FileId> = self.attached.iter().filter(|(_, a)| a.users.is_empty()).map(|(id, _)| *id).collect();
-        for id in unused {
-            if let Some(attached) = self.attached.remove(&id) {
-                detach(ebpf, attached.links);
+        let mut keep = HashSet::new();
+        for (pid, object) in wanted {
+            let Ok(meta) = std::fs::metadata(&object) else { continue };
+            let key = (pid, (meta.dev(), meta.ino()));
+            if keep.insert(key) && !self.attached.contains_key(&key) {
+                let scope = std::num::NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+                self.attached.insert(key, attach(ebpf, &object, scope, pid));
+            }
+        }
+        let stale: Vec<(u32, FileId)> = self.attached.keys().filter(|key| !keep.contains(*key)).copied().collect();
+        for key in stale {
+            if let Some(links) = self.attached.remove(&key) {
+                detach(ebpf, links);
             }
         }
     }
@@ -147,15 +142,15 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, 
         .map_err(|source| ProbeError::Program { program: name, tracepoint: "uprobe".into(), source })
 }
 
-/// Attach every function the object has (found through process `pid`); one it lacks (`_ex`
-/// before OpenSSL 1.1.1) is skipped.
-fn attach(ebpf: &mut Ebpf, object: &Path, pid: u32) -> Vec<(&'static str, UProbeLinkId)> {
+/// Attach every function the object has (for process `pid`, or all when `scope` says so); one it
+/// lacks (`_ex` before OpenSSL 1.1.1) is skipped.
+fn attach(ebpf: &mut Ebpf, object: &Path, scope: UProbeScope, pid: u32) -> Vec<(&'static str, UProbeLinkId)> {
     let mut links = Vec::new();
     for (entry, symbol) in FUNCTIONS {
         for program in [entry, RETURN] {
             let attached = uprobe(ebpf, program).and_then(|probe| {
                 probe
-                    .attach(symbol, object, UProbeScope::AllProcesses)
+                    .attach(symbol, object, scope)
                     .map_err(|source| ProbeError::Program { program, tracepoint: format!("{}:{symbol}", object.display()), source })
             });
             match attached {
@@ -168,7 +163,7 @@ fn attach(ebpf: &mut Ebpf, object: &Path, pid: u32) -> Vec<(&'static str, UProbe
         }
     }
     if !links.is_empty() {
-        log::info!("TLS: OpenSSL uprobes on {} (pid {pid}, {} links)", object.display(), links.len());
+        log::debug!("TLS: OpenSSL uprobes on {} (pid {pid}, {} links)", object.display(), links.len());
     }
     links
 }

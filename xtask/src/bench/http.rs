@@ -7,7 +7,10 @@
 //!
 //! With --propagation the topology and the modes change: see `propagation`.
 
+mod https;
 mod propagation;
+
+pub use https::Https;
 
 use std::{
     net::SocketAddr,

@@ -29,7 +29,7 @@ use crate::{cargo_cmd, setup, signals, util};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none given). Available: http, postgres, kafka, grpc.
+    /// Scenarios to run (all when none given). Available: http, https, postgres, kafka, grpc.
     pub names: Vec<String>,
     /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
     /// fixed rate).
@@ -96,6 +96,7 @@ pub trait Scenario {
 fn scenarios() -> Vec<Box<dyn Scenario>> {
     vec![
         Box::new(http::Http),
+        Box::new(http::Https),
         Box::new(postgres::Postgres),
         Box::new(kafka::Kafka),
         Box::new(grpc::Grpc),

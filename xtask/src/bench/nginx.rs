@@ -26,6 +26,8 @@ pub struct Nginx {
 pub enum Site {
     /// `GET /` answers `hello`, /static/1k.bin is a 1 KiB file (`bench http`).
     Origin,
+    /// The same over HTTPS, with a self-signed certificate made in the directory (`bench https`).
+    OriginTls,
     /// A backend behind a proxy: `GET /` answers `ok`, /static/ as for Origin, and requests
     /// under [`VERIFY_PREFIX`] also answer `ok` but are logged with their `traceparent` header
     /// to [`VERIFY_LOG`] (nothing else is logged, so the load pays no logging).
@@ -120,7 +122,12 @@ fn write_site(dir: &Path, port: u16, site: &Site) -> Result<()> {
     fs::write(static_dir.join("1k.bin"), [b'z'; 1024])?;
     let d = dir.display();
     let conf = match site {
-        Site::Origin => origin_conf(&d, port),
+        Site::Origin => origin_conf(&d, port, ""),
+        Site::OriginTls => {
+            make_certificate(dir)?;
+            let tls = format!(" ssl;\n        ssl_certificate {d}/cert.pem;\n        ssl_certificate_key {d}/key.pem");
+            origin_conf(&d, port, &tls)
+        }
         Site::Backend => backend_conf(&d, port),
         Site::Proxy {
             upstream,
@@ -131,10 +138,28 @@ fn write_site(dir: &Path, port: u16, site: &Site) -> Result<()> {
     fs::write(dir.join("nginx.conf"), conf).context("cannot write nginx.conf")
 }
 
-fn origin_conf(d: &impl std::fmt::Display, port: u16) -> String {
+/// `cert.pem` and `key.pem` in `dir`: a self-signed certificate for 127.0.0.1 (openssl req).
+fn make_certificate(dir: &Path) -> Result<()> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = cmd.status().context("cannot run openssl (apt install openssl)")?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(&cmd));
+    }
+    Ok(())
+}
+
+/// `tls`: what follows the listen address (` ssl;` and the certificate lines), or nothing.
+fn origin_conf(d: &impl std::fmt::Display, port: u16, tls: &str) -> String {
     format!(
         r#"{head}    server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location / {{ return 200 "hello\n"; }}
         location /static/ {{ alias {d}/static/; }}
     }}
@@ -254,7 +279,7 @@ http {
     }
 }
 "#;
-        assert_eq!(origin_conf(&d, 8080), expected);
+        assert_eq!(origin_conf(&d, 8080, ""), expected);
     }
 
     #[test]
