@@ -86,7 +86,8 @@ var (
 	dialError error
 )
 
-func serve(raw string) {
+// setUp reads the options, opens the request log and listens on a free loopback port.
+func setUp(raw string) net.Listener {
 	if err := json.Unmarshal([]byte(raw), &options); err != nil {
 		fatal("options %q: %v", raw, err)
 	}
@@ -101,6 +102,11 @@ func serve(raw string) {
 	if err != nil {
 		fatal("listen: %v", err)
 	}
+	return listener
+}
+
+func serve(raw string) {
+	listener := setUp(raw)
 	server := grpc.NewServer(grpc.UnaryInterceptor(recordUnary), grpc.StreamInterceptor(recordStream))
 	server.RegisterService(&echoService, struct{}{})
 	fmt.Printf("READY %d\n", listener.Addr().(*net.TCPAddr).Port)
@@ -113,20 +119,7 @@ func serve(raw string) {
 // and h2c after an HTTP/1.1 `Upgrade: h2c` (golang.org/x/net/http2/h2c). Every request gets 200
 // "hello <path> over HTTP/<major>"; the log gets one line per request, as the gRPC server's.
 func serveH2c(raw string) {
-	if err := json.Unmarshal([]byte(raw), &options); err != nil {
-		fatal("options %q: %v", raw, err)
-	}
-	if options.Log != "" {
-		f, err := os.OpenFile(options.Log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-		if err != nil {
-			fatal("open log: %v", err)
-		}
-		logFile = f
-	}
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fatal("listen: %v", err)
-	}
+	listener := setUp(raw)
 	hello := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		fmt.Fprintf(w, "hello %s over HTTP/%d\n", r.URL.Path, r.ProtoMajor)
