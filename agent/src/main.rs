@@ -96,7 +96,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let scope = if config.selection.traces_everything() { Scope::All } else { Scope::Selected };
-    let (probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
+    let (mut probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
     let propagating = config.propagation != probes::Propagation::Off && propagation_error.is_none();
     telemetry.propagation.store(propagating, std::sync::atomic::Ordering::Relaxed);
     if let Some(e) = propagation_error {
@@ -118,6 +118,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let discovery = Discovery::new(config.selection, watching, kernel, BaseResource::from_env(env), telemetry.clone());
     let mut assembler = Assembler::new(discovery, telemetry.clone(), config.sampler, config.query_text);
     assembler.initial_scan();
+    probes.refresh_tls();
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
     let (spans_tx, spans_rx) = mpsc::channel(QUEUE_BATCHES);
@@ -132,7 +133,6 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     log::info!("ready: {} tracepoints attached, telemetry on http://{}", probes.hook_count(), config.listen);
 
-    let mut probes = probes;
     let mut tls_rescan = tokio::time::interval(probes::TLS_RESCAN);
     tls_rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -181,12 +181,11 @@ impl Probes {
         if propagate && propagation_error.is_none() {
             maps.inject_socks = Some(take(&mut ebpf, names::INJECT_SOCKS)?);
         }
-        let mut probes = Self { ebpf: Some(ebpf), mounted_tracefs, tls, traced_tasks };
-        probes.refresh_tls();
-        Ok((probes, maps, propagation_error))
+        Ok((Self { ebpf: Some(ebpf), mounted_tracefs, tls, traced_tasks }, maps, propagation_error))
     }
 
-    /// Attach the OpenSSL uprobes to what traced processes map now (see `tls`).
+    /// Attach the OpenSSL uprobes to what traced processes map now (see `tls`): once the traced
+    /// processes are known, before the agent says it is ready, then every `TLS_RESCAN`.
     pub fn refresh_tls(&mut self) {
         let (Some(tls), Some(ebpf)) = (self.tls.as_mut(), self.ebpf.as_mut()) else { return };
         let tasks = self.traced_tasks.as_ref().map(|map| map.keys().filter_map(Result::ok).collect());

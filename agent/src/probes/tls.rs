@@ -92,19 +92,26 @@ impl TlsProbes {
             }
         }
         let mut keep = HashSet::new();
+        let mut changed = false;
         for (pid, object) in wanted {
             let Ok(meta) = std::fs::metadata(&object) else { continue };
             let key = (pid, (meta.dev(), meta.ino()));
             if keep.insert(key) && !self.attached.contains_key(&key) {
+                changed = true;
                 let scope = std::num::NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
                 self.attached.insert(key, attach(ebpf, &object, scope, pid));
             }
         }
         let stale: Vec<(u32, FileId)> = self.attached.keys().filter(|key| !keep.contains(*key)).copied().collect();
+        changed |= !stale.is_empty();
         for key in stale {
             if let Some(links) = self.attached.remove(&key) {
                 detach(ebpf, links);
             }
+        }
+        if changed {
+            let processes: HashSet<u32> = self.attached.keys().map(|(pid, _)| *pid).collect();
+            log::info!("TLS: OpenSSL uprobes on {} objects of {} processes", self.attached.len(), processes.len());
         }
     }
 

@@ -59,10 +59,10 @@ pub static PROCESS_SERVING: LruHashMap<u32, ProcessServing> =
 pub static TLS_CALLS: LruHashMap<u64, crate::tls::TlsCall> =
     LruHashMap::with_max_entries(limits::TLS_CALLS, BPF_F_NO_COMMON_LRU);
 
-/// The socket (fd) of each `SSL*` a traced process used (`tls`). LRU: freed `SSL`s are never
+/// The socket (fd and connection) of each `SSL*` a traced process used (`tls`). LRU: freed `SSL`s are never
 /// announced.
 #[map]
-pub static TLS_SOCKETS: LruHashMap<crate::tls::TlsSocketKey, u32> =
+pub static TLS_SOCKETS: LruHashMap<crate::tls::TlsSocketKey, crate::tls::TlsSocket> =
     LruHashMap::with_max_entries(limits::TLS_SOCKETS, BPF_F_NO_COMMON_LRU);
 
 /// Trace context a traced client's TLS connection sends in a TCP option, by `socket_key`

@@ -49,6 +49,15 @@ pub struct TlsSocketKey {
     ssl: u64,
 }
 
+/// `TLS_SOCKETS` value: the socket, and the connection it was (an fd is reused after a close).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsSocket {
+    conn_id: u64,
+    fd: u32,
+    _pad: u32,
+}
+
 #[inline(always)]
 fn enter(ctx: &ProbeContext, dir: u8, ex: bool) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -126,15 +135,20 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Option<()> {
         return None;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    let fd = if call.fd != NO_FD {
-        call.fd
+    // The socket the call used; else the one this SSL* used last, if that connection is still open.
+    let (fd, conn_id) = if call.fd != NO_FD {
+        (call.fd, None)
     } else {
-        // SAFETY: a plain u32 value, copied.
-        *unsafe { TLS_SOCKETS.get(&TlsSocketKey { tgid: u64::from(tgid), ssl: call.ssl }) }?
+        // SAFETY: a plain value, copied.
+        let socket = *unsafe { TLS_SOCKETS.get(&TlsSocketKey { tgid: u64::from(tgid), ssl: call.ssl }) }?;
+        (socket.fd, Some(socket.conn_id))
     };
     let key = conn_key(tgid, fd);
     // SAFETY: a live map value (see `syscalls::try_exit_data`).
     let conn = unsafe { &mut *CONNS.get_ptr_mut(&key)? };
+    if conn_id.is_some_and(|id| id != conn.conn_id) {
+        return None;
+    }
     if conn.tls == 0 {
         mark(conn, pid_tgid); // a connection OpenSSL reads or writes carries TLS
     }
@@ -152,7 +166,7 @@ pub fn note_socket(pid_tgid: u64, fd: u32, conn: &ConnState) {
     let call = unsafe { &mut *call };
     call.fd = fd;
     let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl: call.ssl };
-    let _ = TLS_SOCKETS.insert(&key, &fd, 0);
+    let _ = TLS_SOCKETS.insert(&key, &TlsSocket { conn_id: conn.conn_id, fd, _pad: 0 }, 0);
     if call.decided == 0 && call.direction == direction::EGRESS && conn.role == role::CLIENT {
         call.decided = 1;
         propagate(pid_tgid, call.buf, conn);
