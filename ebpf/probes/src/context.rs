@@ -246,6 +246,39 @@ pub fn parse_value<const N: usize>(head: &[u8; N], mut at: usize, ids: &mut Span
     }
 }
 
+/// Write the W3C value `00-<32 hex>-<16 hex>-<2 hex>` (VALUE_LEN bytes) of `ids` at `at`.
+#[inline(always)]
+pub fn format_value<const N: usize>(ids: &SpanIds, out: &mut [u8; N], at: usize) {
+    if at + VALUE_LEN > N {
+        return;
+    }
+    out[at] = b'0';
+    out[at + 1] = b'0';
+    out[at + 2] = b'-';
+    let mut k = 0;
+    while k < 16 {
+        hex_pair(ids.trace_id[k], out, at + 3 + 2 * k);
+        k += 1;
+    }
+    out[at + 35] = b'-';
+    k = 0;
+    while k < 8 {
+        hex_pair(ids.span_id[k], out, at + 36 + 2 * k);
+        k += 1;
+    }
+    out[at + 52] = b'-';
+    hex_pair(ids.flags, out, at + 53);
+}
+
+#[inline(always)]
+fn hex_pair<const N: usize>(byte: u8, out: &mut [u8; N], at: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    if at + 1 < N {
+        out[at] = DIGITS[(byte >> 4) as usize];
+        out[at + 1] = DIGITS[(byte & 0xf) as usize];
+    }
+}
+
 #[inline(always)]
 fn hex_byte(high: u8, low: u8) -> Option<u8> {
     Some((nibble(high)? << 4) | nibble(low)?)

@@ -251,30 +251,9 @@ fn write_header(ctx: &SkMsgContext, at: u32, ids: &SpanIds) -> bool {
 #[inline(always)]
 fn format_header(ids: &SpanIds) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
-    out[..16].copy_from_slice(b"traceparent: 00-");
-    let mut k = 0;
-    while k < 16 {
-        hex_pair(ids.trace_id[k], &mut out, 16 + 2 * k);
-        k += 1;
-    }
-    out[48] = b'-';
-    k = 0;
-    while k < 8 {
-        hex_pair(ids.span_id[k], &mut out, 49 + 2 * k);
-        k += 1;
-    }
-    out[65] = b'-';
-    hex_pair(ids.flags, &mut out, 66);
+    out[..13].copy_from_slice(b"traceparent: ");
+    context::format_value(ids, &mut out, 13);
     out[68] = b'\r';
     out[69] = b'\n';
     out
-}
-
-#[inline(always)]
-fn hex_pair(byte: u8, out: &mut [u8; HEADER_LEN], at: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    if at + 1 < HEADER_LEN {
-        out[at] = DIGITS[(byte >> 4) as usize];
-        out[at + 1] = DIGITS[(byte & 0xf) as usize];
-    }
 }

@@ -364,30 +364,8 @@ fn format_field(ids: &SpanIds) -> [u8; FIELD_LEN as usize] {
     out[1] = 11;
     out[2..13].copy_from_slice(b"traceparent");
     out[13] = 55;
-    out[14..17].copy_from_slice(b"00-");
-    let mut k = 0;
-    while k < 16 {
-        hex_pair(ids.trace_id[k], &mut out, 17 + 2 * k);
-        k += 1;
-    }
-    out[49] = b'-';
-    k = 0;
-    while k < 8 {
-        hex_pair(ids.span_id[k], &mut out, 50 + 2 * k);
-        k += 1;
-    }
-    out[66] = b'-';
-    hex_pair(ids.flags, &mut out, 67);
+    context::format_value(ids, &mut out, 14);
     out
-}
-
-#[inline(always)]
-fn hex_pair(byte: u8, out: &mut [u8; FIELD_LEN as usize], at: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    if at + 1 < FIELD_LEN as usize {
-        out[at] = DIGITS[(byte >> 4) as usize];
-        out[at + 1] = DIGITS[(byte & 0xf) as usize];
-    }
 }
 
 #[inline(always)]
