@@ -513,26 +513,16 @@ fn ratio_of<L>(
 fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Report {
     let a = ctx.args;
     let targets = targets(saturation, rated);
-    let json = json!({
-        "scenario": "http",
+    let mut json = saturation_json(ctx, "http", saturation);
+    json["rate"] = json!({
         "config": {
-            "rounds": a.rounds, "duration_s": a.duration, "connections": a.connections,
-            "threads": a.threads, "warmup_s": a.warmup, "path": a.path,
-            "untraced_only": ctx.agent.is_none(), "agent_args": a.agent_args,
+            "rate_per_s": a.rate, "duration_s": a.rate_duration(), "connections": a.connections,
         },
-        "rounds": saturation,
-        "medians": medians_json(saturation),
-        "ratios_traced_over_untraced": ratios_json(saturation),
-        "rate": {
-            "config": {
-                "rate_per_s": a.rate, "duration_s": a.rate_duration(), "connections": a.connections,
-            },
-            "rounds": rated,
-            "medians": medians_json(rated),
-            "ratios_traced_over_untraced": ratios_json(rated),
-        },
-        "targets": targets,
+        "rounds": rated,
+        "medians": medians_json(rated),
+        "ratios_traced_over_untraced": ratios_json(rated),
     });
+    json["targets"] = json!(targets);
     let markdown = [
         saturation_markdown(a, saturation),
         rate_markdown(a, rated),
@@ -540,6 +530,22 @@ fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>
     ]
     .concat();
     Report { markdown, json }
+}
+
+/// A report's scenario, configuration and saturation rounds (`bench http`, `bench https`).
+fn saturation_json(ctx: &Ctx, scenario: &str, rounds: &[Round<WrkResult>]) -> Value {
+    let a = ctx.args;
+    json!({
+        "scenario": scenario,
+        "config": {
+            "rounds": a.rounds, "duration_s": a.duration, "connections": a.connections,
+            "threads": a.threads, "warmup_s": a.warmup, "path": a.path,
+            "untraced_only": ctx.agent.is_none(), "agent_args": a.agent_args,
+        },
+        "rounds": rounds,
+        "medians": medians_json(rounds),
+        "ratios_traced_over_untraced": ratios_json(rounds),
+    })
 }
 
 fn medians_json<L: LoadStats>(rounds: &[Round<L>]) -> Value {

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use serde_json::json;
 
 use super::{
-    max_agent, ratio, ratios_json, medians_json, round, rps, table, summary, Loads, NoHooks, Round,
+    max_agent, ratio, round, rps, saturation_json, summary, table, Loads, NoHooks, Round,
     Tracer, TARGET_SATURATION_RATIO, TRACED, UNTRACED,
 };
 use crate::{
@@ -56,18 +56,8 @@ impl Scenario for Https {
 fn report(ctx: &Ctx, rounds: &[Round<WrkResult>]) -> Report {
     let a = ctx.args;
     let targets = targets(rounds);
-    let json = json!({
-        "scenario": "https",
-        "config": {
-            "rounds": a.rounds, "duration_s": a.duration, "connections": a.connections,
-            "threads": a.threads, "warmup_s": a.warmup, "path": a.path,
-            "untraced_only": ctx.agent.is_none(), "agent_args": a.agent_args,
-        },
-        "rounds": rounds,
-        "medians": medians_json(rounds),
-        "ratios_traced_over_untraced": ratios_json(rounds),
-        "targets": targets,
-    });
+    let mut json = saturation_json(ctx, "https", rounds);
+    json["targets"] = json!(targets);
     let markdown = [heading(a), table(rounds), summary(rounds), targets_markdown(&targets)].concat();
     Report { markdown, json }
 }
