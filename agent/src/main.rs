@@ -104,11 +104,13 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     }
     *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
 
+    let programs_changed = Arc::new(tokio::sync::Notify::new());
     let kernel = discovery::KernelState {
         traced_pids: maps.traced_pids,
         conns: maps.conns,
         in_flight: maps.in_flight,
         inject_socks: maps.inject_socks,
+        programs_changed: programs_changed.clone(),
     };
     let (pods_tx, pods_rx) = mpsc::channel(POD_UPDATES);
     let watching = match &config.kubernetes {
@@ -140,6 +142,7 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = tls_rescan.tick() => probes.refresh_tls(),
+            () = programs_changed.notified() => probes.refresh_tls(),
         }
     }
     log::info!("stopping: detaching probes, flushing spans");

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::process::{collect_pipe, spawn, terminate, wait_with_timeout, ChildGuard, ScriptProcess};
-use crate::servers::python_interpreter;
+use crate::servers::{node_interpreter, python_interpreter};
 use crate::util::{poll_until, TempDir};
 
 /// How long a released client may run.
@@ -176,6 +176,55 @@ pub fn paused_urllib_client(url: &str) -> PausedClient {
     let files = TempDir::new("urllib-client");
     let script = files.write("client.py", URLLIB_CLIENT);
     let cmd = [python_interpreter().as_os_str(), script.as_os_str(), OsStr::new(url)];
+    paused_client_with_files(&cmd, Some(files))
+}
+
+const NODE_CLIENT: &str = r#"
+const http = require('http');
+const https = require('https');
+
+// One keep-alive agent per scheme; the tests' certificates are self-signed.
+const agents = { 'http:': new http.Agent({ keepAlive: true }), 'https:': new https.Agent({ keepAlive: true, rejectUnauthorized: false }) };
+
+function get(url) {
+  const protocol = new URL(url).protocol;
+  const client = protocol === 'https:' ? https : http;
+  return new Promise((resolve, reject) => {
+    client.get(url, { agent: agents[protocol] }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode));
+    }).on('error', reject);
+  });
+}
+
+(async () => {
+  const parallel = process.argv[2] === '--parallel';
+  const urls = process.argv.slice(parallel ? 3 : 2);
+  if (parallel) {
+    (await Promise.all(urls.map(get))).forEach((status) => console.log(status));
+  } else {
+    for (const url of urls) {
+      console.log(await get(url));
+    }
+  }
+  Object.values(agents).forEach((agent) => agent.destroy());
+})().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
+"#;
+
+/// A paused `node client.js [--parallel] <url>...`: GETs each URL in turn (or all at once, each on
+/// a connection of its own) on keep-alive connections (http or https, node's own OpenSSL) and
+/// prints each status on a line of its own.
+pub fn paused_node_client(urls: &[&str], parallel: bool) -> PausedClient {
+    let files = TempDir::new("node-client");
+    let script = files.write("client.js", NODE_CLIENT);
+    let mut cmd = vec![node_interpreter().as_os_str(), script.as_os_str()];
+    if parallel {
+        cmd.push(OsStr::new("--parallel"));
+    }
+    cmd.extend(urls.iter().map(OsStr::new));
     paused_client_with_files(&cmd, Some(files))
 }
 

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use agent::{pid_args, propagating_pid_args, Agent};
-pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_urllib_client, run_curl, CurlResult};
+pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_node_client, paused_urllib_client, run_curl, CurlResult};
 pub use grpc::{GrpcCall, GrpcChain, GrpcServer, Nghttpd};
 pub use kafka::{Consume, KafkaHttpService, Library, MockKafka, Produce};
 pub use kube_api::FakeKubeApi;

@@ -201,10 +201,27 @@ impl PyServer {
 }
 
 const NODE_SERVER: &str = r#"
+const fs = require('fs');
 const http = require('http');
+const https = require('https');
 
-const server = http.createServer((req, res) => {
-  const path = req.url.split('?')[0];
+// Keep-alive agents for `/chain` calls; the tests' certificates are self-signed.
+const agents = { 'http:': new http.Agent({ keepAlive: true }), 'https:': new https.Agent({ keepAlive: true, rejectUnauthorized: false }) };
+
+function get(url) {
+  const protocol = new URL(url).protocol;
+  const client = protocol === 'https:' ? https : http;
+  return new Promise((resolve, reject) => {
+    client.get(url, { agent: agents[protocol] }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode));
+    }).on('error', reject);
+  });
+}
+
+function handle(req, res) {
+  const url = new URL(req.url, 'http://localhost');
+  const path = url.pathname;
   if (path === '/hello') {
     res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': '6' });
     res.end('hello\n');
@@ -217,31 +234,55 @@ const server = http.createServer((req, res) => {
     res.write('{"item": ');
     res.write(JSON.stringify(path.split('/')[2]));
     res.end('}\n');
+  } else if (path === '/chain' && url.searchParams.get('to')) {
+    get(url.searchParams.get('to')).then((status) => {
+      const body = JSON.stringify({ downstream_status: status });
+      res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': String(body.length) });
+      res.end(body);
+    }, (error) => {
+      res.writeHead(502, { 'Content-Type': 'text/plain' });
+      res.end(String(error));
+    });
   } else {
     res.writeHead(404, { 'Content-Type': 'text/plain', 'Content-Length': '10' });
     res.end('not found\n');
   }
-});
+}
 
+const server = process.env.ZT_TLS_CERT
+  ? https.createServer({ cert: fs.readFileSync(process.env.ZT_TLS_CERT), key: fs.readFileSync(process.env.ZT_TLS_KEY) }, handle)
+  : http.createServer(handle);
 server.listen(Number(process.argv[2]), '127.0.0.1', () => {
   console.log('READY ' + server.address().port);
 });
 "#;
 
-/// A node `http.createServer` (`server.js`): `/hello` 200, `/boom` 500,
-/// `/items/<n>` 200 chunked (two writes then end), else 404.
+/// A node `http.createServer` (`server.js`), or `https.createServer` ([`NodeServer::start_tls`]):
+/// `/hello` 200, `/boom` 500, `/items/<n>` 200 chunked (two writes then end), `/chain?to=<url>`
+/// calls `<url>` (keep-alive) then 200, else 404.
 pub struct NodeServer {
     script: ScriptProcess,
     port: u16,
+    scheme: &'static str,
 }
 
 impl NodeServer {
     pub fn start() -> NodeServer {
+        NodeServer::start_with_env(&[])
+    }
+
+    /// HTTPS with `cert` (node's own OpenSSL, inside the node binary).
+    pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> NodeServer {
+        let (cert, key) = (cert.cert(), cert.key());
+        NodeServer::start_with_env(&[("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> NodeServer {
         let dir = TempDir::new("node");
         dir.write("server.js", NODE_SERVER);
-        let script = ScriptProcess::spawn(node_interpreter(), dir, "server.js", &["0".to_string()], &[]);
+        let script = ScriptProcess::spawn(node_interpreter(), dir, "server.js", &["0".to_string()], env);
         let port = wait_for_ready_port(&script);
-        NodeServer { script, port }
+        NodeServer { script, port, scheme: if env.is_empty() { "http" } else { "https" } }
     }
 
     pub fn pid(&self) -> u32 {
@@ -253,7 +294,7 @@ impl NodeServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 }
 

@@ -1,7 +1,8 @@
 //! TLS through the OpenSSL uprobes: curl and Python urllib (the system libssl) against nginx
-//! and a Python ssl server, both ends traced, and psql against PostgreSQL with `ssl=on`. The spans are those the same requests give over
-//! plain HTTP, with `url.scheme=https`; the ciphertext never becomes a span. Trace context goes
-//! from a traced client to a traced server in a TCP header option.
+//! and a Python ssl server, node's https client and server (OpenSSL inside the node binary, on
+//! memory BIOs), both ends traced, and psql against PostgreSQL with `ssl=on`. The spans are those
+//! the same requests give over plain HTTP, with `url.scheme=https`; the ciphertext never becomes a
+//! span. Trace context goes from a traced client to a traced server in a TCP header option.
 
 use std::collections::BTreeMap;
 
@@ -11,9 +12,9 @@ use zerotel_tests::postgres::Postgres;
 use zerotel_tests::servers::Nginx;
 use zerotel_tests::tls::SelfSignedCert;
 use zerotel_tests::{
-    curl_args_many, describe, find_span, paused_client, paused_urllib_client, pid_args, propagating_pid_args,
-    require_kernel, Agent,
-    OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind, SPAN_TIMEOUT,
+    curl_args_many, describe, find_span, paused_client, paused_node_client, paused_urllib_client, pid_args,
+    propagating_pid_args, require_kernel, Agent, NodeServer, OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind,
+    SPAN_TIMEOUT,
 };
 
 /// Attributes that differ between two runs of the same request (ports, and the scheme itself).
@@ -115,6 +116,107 @@ fn python_over_tls_is_one_trace_through_the_tcp_option() {
     ];
     for (parent, child, what) in links {
         assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
+    }
+}
+
+/// A node client calls `/chain` on a node front, which calls `/items/7` on a node backend, then
+/// `/boom` on the front; every hop traced with propagation on. Returns the spans with the pids of
+/// client, front and backend.
+fn node_chain(tls: Option<&SelfSignedCert>) -> (Vec<ReceivedSpan>, [u32; 3]) {
+    let start = || tls.map_or_else(NodeServer::start, NodeServer::start_tls);
+    let (backend, front) = (start(), start());
+    let chain = front.url(&format!("/chain?to={}", backend.url("/items/7")));
+    let client = paused_node_client(&[&chain, &front.url("/boom")], false);
+    let pids = [client.pid(), front.pid(), backend.pid()];
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&pids), Some(&receiver));
+    let output = client.release();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n500\n");
+    receiver.wait_for(|spans| spans.len() >= 6, SPAN_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spans = receiver.spans();
+    drop(agent);
+    assert_eq!(spans.len(), 6, "{}", describe(&spans));
+    (spans, pids)
+}
+
+/// Node over HTTPS: its OpenSSL is inside the node binary and works on memory BIOs, so node moves
+/// the ciphertext itself, outside the OpenSSL calls. Client, server and a server's own call give
+/// the spans plain HTTP gives, and one trace per request through the TCP option.
+#[test]
+fn node_over_tls_gives_the_spans_plaintext_gives_in_one_trace() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let (plain, plain_pids) = node_chain(None);
+    let (tls, tls_pids) = node_chain(Some(&cert));
+    // (kind, index of the process in the pids, path)
+    let expected = [
+        (SpanKind::Client, 0, "/chain"),
+        (SpanKind::Server, 1, "/chain"),
+        (SpanKind::Client, 1, "/items/7"),
+        (SpanKind::Server, 2, "/items/7"),
+        (SpanKind::Client, 0, "/boom"),
+        (SpanKind::Server, 1, "/boom"),
+    ];
+    let find = |spans: &[ReceivedSpan], pids: &[u32; 3], (kind, process, path): (SpanKind, usize, &str)| {
+        find_span(spans, &format!("{kind:?} {path} of {}", pids[process]), |s| s.is(kind, pids[process], path)).clone()
+    };
+    for (spans, pids, scheme) in [(&plain, &plain_pids, "http"), (&tls, &tls_pids, "https")] {
+        let all = describe(spans);
+        let [client_chain, front_chain, front_call, backend, client_boom, front_boom] = expected.map(|e| find(spans, pids, e));
+        for span in [&client_chain, &front_chain, &front_call, &backend, &client_boom, &front_boom] {
+            assert_eq!(span.attr_str("url.scheme"), Some(scheme), "{span}");
+        }
+        assert!(client_chain.is_root() && client_boom.is_root(), "{all}");
+        let links = [
+            (&client_chain, &front_chain, "the front's SERVER span under the client's call"),
+            (&front_chain, &front_call, "the front's call under the request it serves"),
+            (&front_call, &backend, "the backend's SERVER span under the front's call"),
+            (&client_boom, &front_boom, "the front's /boom under the client's call"),
+        ];
+        for (parent, child, what) in links {
+            assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{scheme}: {what}:\n{all}");
+        }
+        assert!(front_boom.status_error && client_boom.status_error, "{all}");
+    }
+    for e in expected {
+        let (plain_span, tls_span) = (find(&plain, &plain_pids, e), find(&tls, &tls_pids, e));
+        assert_eq!(comparable(&tls_span), comparable(&plain_span), "{e:?}:\n{plain_span}\n{tls_span}");
+    }
+}
+
+/// A node client opens 8 TLS connections to a node server at once: node handshakes and reads
+/// them interleaved on its one thread, and every request still gets the SERVER span of its own
+/// connection, under its own CLIENT span.
+#[test]
+fn node_tls_connections_at_once_are_told_apart() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let server = NodeServer::start_tls(&cert);
+    let urls: Vec<String> = (0..8).map(|n| server.url(&format!("/items/{n}"))).collect();
+    let client = paused_node_client(&urls.iter().map(String::as_str).collect::<Vec<_>>(), true);
+    let client_pid = client.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&[client_pid, server.pid()]), Some(&receiver));
+    let output = client.release();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n".repeat(8), "{output:?}");
+    receiver.wait_for(|spans| spans.len() >= 16, SPAN_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spans = receiver.spans();
+    drop(agent);
+    let all = describe(&spans);
+    assert_eq!(spans.len(), 16, "{all}");
+    for n in 0..8 {
+        let path = format!("/items/{n}");
+        let client = find_span(&spans, &format!("CLIENT {path}"), |s| s.is(SpanKind::Client, client_pid, &path));
+        let served = find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), &path));
+        assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
+        assert_eq!(client.attr_int("network.peer.port"), Some(i64::from(server.port())), "{client}");
     }
 }
 

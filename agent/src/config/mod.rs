@@ -20,9 +20,10 @@ use file::{FileConfig, FileError, RuleError};
 
 /// zerotel: distributed tracing for unmodified services, from the kernel.
 ///
-/// Traces the HTTP/1 traffic of the selected processes (every process but zerotel itself, the
-/// kube-system namespace and other telemetry agents when nothing is selected) and exports spans
-/// over OTLP, or prints them. Every flag can also be set in the environment (`ZEROTEL_<FLAG>`)
+/// Traces the HTTP/1, HTTP/2 and gRPC, Kafka and PostgreSQL traffic, plaintext or through
+/// OpenSSL, of the selected processes (every process but zerotel itself, the kube-system
+/// namespace and other telemetry agents when nothing is selected) and exports spans over OTLP, or
+/// prints them. Every flag can also be set in the environment (`ZEROTEL_<FLAG>`)
 /// or in the `--config` file (`flag_name: value`).
 #[derive(Debug, Parser)]
 #[command(name = "zerotel", version)]

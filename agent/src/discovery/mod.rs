@@ -49,6 +49,9 @@ pub struct KernelState {
     pub in_flight: BpfHashMap<MapData, u64, InFlight>,
     /// Propagation's sockhash (None when propagation is off).
     pub inject_socks: Option<SockHash<MapData, u64>>,
+    /// Woken when a process starts being traced or a traced one runs a new program: the OpenSSL
+    /// uprobes it needs are attached then, before its first TLS call if possible.
+    pub programs_changed: Arc<tokio::sync::Notify>,
 }
 
 pub struct Discovery {
@@ -135,6 +138,7 @@ impl Discovery {
         self.apply(pid, decision, Seed::Nothing);
         if self.traced.contains(&pid) {
             self.resource_with_comm(pid, Some(comm));
+            self.kernel.programs_changed.notify_one();
         }
         self.publish_counts();
     }
@@ -335,6 +339,7 @@ impl Discovery {
             }
         }
         self.traced.insert(pid);
+        self.kernel.programs_changed.notify_one();
         let resource = self.resource(pid);
         log::debug!("tracing pid {pid} ({})", resource.service_name());
         match seed {

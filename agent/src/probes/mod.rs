@@ -185,7 +185,8 @@ impl Probes {
     }
 
     /// Attach the OpenSSL uprobes to what traced processes map now (see `tls`): once the traced
-    /// processes are known, before the agent says it is ready, then every `TLS_RESCAN`.
+    /// processes are known, before the agent says it is ready, then every `TLS_RESCAN` and whenever
+    /// discovery says a process started being traced or ran a new program.
     pub fn refresh_tls(&mut self) {
         let (Some(tls), Some(ebpf)) = (self.tls.as_mut(), self.ebpf.as_mut()) else { return };
         let tasks = self.traced_tasks.as_ref().map(|map| map.keys().filter_map(Result::ok).collect());

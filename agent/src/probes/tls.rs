@@ -1,13 +1,17 @@
 //! OpenSSL uprobes: `SSL_read`, `SSL_write` and their `_ex` forms, on every libssl a traced
 //! process maps and on a program that exports them itself (node links OpenSSL statically), found
-//! in /proc/PID/maps. Rescanned every [`RESCAN`]: processes traced later and libraries loaded
-//! later (dlopen) are picked up, and the probes of processes no longer traced are detached.
+//! in /proc/PID/maps. Rescanned every [`RESCAN`], and as soon as a process starts being traced or
+//! runs a new program: processes traced later and libraries loaded later (dlopen) are picked up,
+//! and the probes of processes no longer traced are detached.
 //!
-//! Selected processes get probes of their own (an untraced process calling the same libssl pays
-//! nothing): on every libssl they map, and on the host's libssl even before they map it, so that
-//! a traced process that execs a short-lived client (a shell running curl or psql) is covered from
-//! the client's first call (the probes follow the task across exec). When every process is traced,
-//! each file is probed once for all of them.
+//! A shared library gets probes per traced process (an untraced process calling the same libssl
+//! pays nothing): on every libssl it maps, and on the host's libssl even before it maps it, so
+//! that a traced process that execs a short-lived client (a shell running curl or psql) is covered
+//! from the client's first call (the probes follow the task across exec). A program that exports
+//! OpenSSL is probed once for every process running it (the kernel drops the calls of untraced
+//! ones): attaching takes tens of milliseconds per probe here, and a short-lived node client
+//! would be done before its own were in place. When every process is traced, each file is probed
+//! once for all of them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -41,6 +45,8 @@ const HOST_LIBSSL: [&str; 8] = [
     "/usr/lib64/libssl.so.1.1",
     "/usr/lib/libssl.so.1.1",
 ];
+/// Executables whose symbol tables are remembered (past it, they are read again).
+const MAX_PROGRAMS: usize = 4096;
 /// (entry program, symbol): every one also gets the shared return program.
 const FUNCTIONS: [(&str, &str); 4] = [
     ("zt_ssl_read", "SSL_read"),
@@ -55,10 +61,19 @@ const RETURN: &str = "zt_ssl_return";
 pub struct TlsProbes {
     /// Links per (process, object file); process 0 when the probes fire for every process.
     attached: HashMap<(u32, FileId), Vec<(&'static str, UProbeLinkId)>>,
-    /// Whether an executable exports `SSL_write`, by path: ELF symbol tables are read once.
-    exports: HashMap<PathBuf, bool>,
+    /// Whether an executable exports `SSL_write`, by file: ELF symbol tables are read once.
+    exports: HashMap<FileId, bool>,
     /// The thread-group id of each traced task id (TRACED_PIDS holds both).
     tgids: HashMap<u32, Option<u32>>,
+}
+
+/// What of OpenSSL a process maps.
+#[derive(Default)]
+struct SslObjects {
+    /// Every libssl.
+    libraries: Vec<PathBuf>,
+    /// Its executable, when that exports `SSL_write`.
+    program: Option<PathBuf>,
 }
 
 /// A file, whoever's mount namespace it is seen through: (device, inode).
@@ -81,13 +96,18 @@ impl TlsProbes {
         match tasks {
             Some(tasks) => {
                 for pid in self.processes_of(tasks) {
-                    wanted.extend(host.iter().chain(&self.ssl_objects(pid)).map(|object| (pid, object.clone())));
+                    let objects = self.ssl_objects(pid);
+                    // A program with OpenSSL inside never uses the host's libssl itself.
+                    let host = if objects.program.is_some() { &[][..] } else { &host[..] };
+                    wanted.extend(host.iter().chain(&objects.libraries).map(|library| (pid, library.clone())));
+                    wanted.extend(objects.program.map(|program| (0, program)));
                 }
             }
             None => {
                 wanted.extend(host.iter().map(|object| (0, object.clone())));
                 for pid in all_processes() {
-                    wanted.extend(self.ssl_objects(pid).into_iter().map(|object| (0, object)));
+                    let objects = self.ssl_objects(pid);
+                    wanted.extend(objects.libraries.into_iter().chain(objects.program).map(|object| (0, object)));
                 }
             }
         }
@@ -121,24 +141,26 @@ impl TlsProbes {
         tasks.iter().filter_map(|&task| *self.tgids.entry(task).or_insert_with(|| tgid_of(task))).collect()
     }
 
-    /// The OpenSSL objects process `pid` maps, as paths the agent can open: every libssl, and
-    /// its executable when that exports `SSL_write`.
-    fn ssl_objects(&mut self, pid: u32) -> Vec<PathBuf> {
+    /// The OpenSSL objects process `pid` maps, as paths the agent can open.
+    fn ssl_objects(&mut self, pid: u32) -> SslObjects {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return Vec::new() };
-        let mut objects: Vec<PathBuf> = mapped_files(&maps)
-            .filter(|path| is_libssl(path))
-            .map(|path| root.join(path.strip_prefix("/").unwrap_or(path)))
-            .collect();
+        let in_root = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
+        let mut objects = SslObjects::default();
+        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            objects.libraries = mapped_files(&maps).filter(|path| is_libssl(path)).map(in_root).collect();
+            objects.libraries.dedup(); // a library's mappings are adjacent
+        }
         if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
-            let exe = root.join(exe.strip_prefix("/").unwrap_or(&exe));
-            let exports = *self.exports.entry(exe.clone()).or_insert_with(|| exports_ssl(&exe));
-            if exports {
-                objects.push(exe);
+            let exe = in_root(&exe);
+            if let Ok(meta) = std::fs::metadata(&exe) {
+                if self.exports.len() >= MAX_PROGRAMS {
+                    self.exports.clear();
+                }
+                if *self.exports.entry((meta.dev(), meta.ino())).or_insert_with(|| exports_ssl(&exe)) {
+                    objects.program = Some(exe);
+                }
             }
         }
-        objects.sort();
-        objects.dedup();
         objects
     }
 }

@@ -85,7 +85,8 @@ pub mod limits {
     pub const THREAD_CONTEXTS: u32 = 16_384;
     /// Processes serving requests at once.
     pub const SERVING_PROCESSES: u32 = 16_384;
-    /// OpenSSL calls in flight (one per thread), and `SSL*` objects whose socket is known.
+    /// OpenSSL calls in flight (one per thread), and `SSL*` objects whose socket is known. Also
+    /// the threads' last TLS read and held plaintext write of memory-BIO programs.
     pub const TLS_CALLS: u32 = 16_384;
     pub const TLS_SOCKETS: u32 = 65_536;
     /// Trace contexts waiting to leave in, or read from, a TCP header option (`tcp_option`).

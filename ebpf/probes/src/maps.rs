@@ -65,6 +65,12 @@ pub static TLS_CALLS: LruHashMap<u64, crate::tls::TlsCall> =
 pub static TLS_SOCKETS: LruHashMap<crate::tls::TlsSocketKey, crate::tls::TlsSocket> =
     LruHashMap::with_max_entries(limits::TLS_SOCKETS, BPF_F_NO_COMMON_LRU);
 
+/// Each thread's last read of TLS ciphertext outside an OpenSSL call, until an OpenSSL call on its
+/// socket (`tls`): the socket of a memory-BIO program's next call on an `SSL*` not yet tied to one.
+#[map]
+pub static TLS_LAST_READS: LruHashMap<u64, crate::tls::LastRead> =
+    LruHashMap::with_max_entries(limits::TLS_CALLS, BPF_F_NO_COMMON_LRU);
+
 /// Trace context a traced client's TLS connection sends in a TCP option, by `socket_key`
 /// (`tcp_option`). LRU: closed connections are never announced to sock_ops.
 #[map]

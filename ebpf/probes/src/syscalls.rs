@@ -43,7 +43,7 @@ fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     // SAFETY: plain-old-data value.
     let conn = unsafe { CONNS.get(conn_key(tgid, fd)) }.ok_or(0i32)?;
     if conn.tls != 0 || conn.protocol == protocol::UNKNOWN {
-        tls::note_socket(pid_tgid, fd, conn); // an OpenSSL call in flight names its socket
+        tls::note_socket(pid_tgid, fd, conn, dir); // an OpenSSL call in flight names its socket
     }
     if conn.protocol == protocol::OTHER || conn.tls != 0 {
         return Ok(());

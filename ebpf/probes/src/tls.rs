@@ -4,8 +4,12 @@
 //!
 //! Which socket: the read or write syscall the thread makes inside the call names it
 //! (`note_socket`), remembered per `SSL*` for calls OpenSSL answers from its own buffer without a
-//! syscall. The ciphertext is never parsed: a connection whose first bytes are a TLS record, or
-//! that an OpenSSL call used, is marked `tls`, and its syscalls are left alone from then on.
+//! syscall. Programs that give OpenSSL memory BIOs (node, Python asyncio) move the ciphertext
+//! themselves, outside the call, on the same thread, and call OpenSSL right after reading it: an
+//! `SSL*` not tied to a socket yet takes the one the thread last read ciphertext from
+//! (`socket_of`). The ciphertext is never parsed: a connection whose first
+//! bytes are a TLS record, or that an OpenSSL call used, is marked `tls`, and its syscalls are
+//! left alone from then on.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -18,12 +22,16 @@ use crate::{
     classify::is_http_request_start,
     conns::header,
     context,
-    maps::{count, is_traced, CONNS, EVENTS, INJECTED, TLS_CALLS, TLS_SOCKETS},
+    maps::{count, is_traced, CONNS, EVENTS, INJECTED, TLS_CALLS, TLS_LAST_READS, TLS_SOCKETS},
     propagation, syscalls, tcp_option,
 };
 
 /// [`TlsCall::fd`] before a syscall inside the call named the socket.
 const NO_FD: u32 = u32::MAX;
+/// How long a memory-BIO program's ciphertext read can name the socket of its next OpenSSL call:
+/// the call follows within microseconds; an older read is from a flow this cannot follow (a
+/// reader paused with ciphertext unread).
+const PAIRING_WINDOW_NS: u64 = 20_000_000;
 
 /// An OpenSSL read or write in flight on a thread (`TLS_CALLS`, by pid_tgid).
 #[repr(C)]
@@ -56,6 +64,14 @@ pub struct TlsSocket {
     conn_id: u64,
     fd: u32,
     _pad: u32,
+}
+
+/// `TLS_LAST_READS` value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LastRead {
+    socket: TlsSocket,
+    at_ns: u64,
 }
 
 #[inline(always)]
@@ -120,6 +136,31 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Option<()> {
     // SAFETY: plain-old-data value, copied out before removal.
     let call = unsafe { TLS_CALLS.get(&pid_tgid) }.copied()?;
     let _ = TLS_CALLS.remove(&pid_tgid);
+    // The socket a syscall inside the call used, else the one learnt before. Learnt whatever the
+    // call returns: a memory-BIO client's handshake ends in a call that returns no data.
+    let fd = match call.fd {
+        NO_FD => socket_of(pid_tgid, call.ssl, call.start_ns)?.fd,
+        fd => fd,
+    };
+    let len = moved(ctx, &call)?;
+    let key = conn_key((pid_tgid >> 32) as u32, fd);
+    // SAFETY: a live map value (see `syscalls::try_exit_data`).
+    let conn = unsafe { &mut *CONNS.get_ptr_mut(&key)? };
+    if conn.tls == 0 {
+        mark(conn, pid_tgid); // a connection OpenSSL reads or writes carries TLS
+    }
+    if call.fd == NO_FD && call.direction == direction::EGRESS && conn.role == role::CLIENT {
+        propagate(pid_tgid, call.buf, conn); // memory BIOs: the ciphertext leaves after the call
+    }
+    let flight = InFlight { buf: call.buf, start_ns: call.start_ns, fd, direction: call.direction, buffer: buffer::PLAIN, _pad: [0; 2] };
+    syscalls::on_bytes(pid_tgid, &flight, key, conn, len);
+    Some(())
+}
+
+/// The plaintext bytes a call moved, if any: the `int` it returns, or for `_ex` (which returns 1
+/// on success) the count it stored.
+#[inline(always)]
+fn moved(ctx: &RetProbeContext, call: &TlsCall) -> Option<u64> {
     // An `int`: the register's upper half is not part of it.
     let ret = ctx.ret::<u64>() as u32 as i32;
     let len = if call.moved != 0 {
@@ -131,37 +172,54 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Option<()> {
     } else {
         u64::try_from(ret).ok()?
     };
-    if len == 0 {
-        return None;
-    }
-    let tgid = (pid_tgid >> 32) as u32;
-    // The socket the call used; else the one this SSL* used last, if that connection is still open.
-    let (fd, conn_id) = if call.fd != NO_FD {
-        (call.fd, None)
-    } else {
-        // SAFETY: a plain value, copied.
-        let socket = *unsafe { TLS_SOCKETS.get(&TlsSocketKey { tgid: u64::from(tgid), ssl: call.ssl }) }?;
-        (socket.fd, Some(socket.conn_id))
-    };
-    let key = conn_key(tgid, fd);
-    // SAFETY: a live map value (see `syscalls::try_exit_data`).
-    let conn = unsafe { &mut *CONNS.get_ptr_mut(&key)? };
-    if conn_id.is_some_and(|id| id != conn.conn_id) {
-        return None;
-    }
-    if conn.tls == 0 {
-        mark(conn, pid_tgid); // a connection OpenSSL reads or writes carries TLS
-    }
-    let flight = InFlight { buf: call.buf, start_ns: call.start_ns, fd, direction: call.direction, buffer: buffer::PLAIN, _pad: [0; 2] };
-    syscalls::on_bytes(pid_tgid, &flight, key, conn, len);
-    Some(())
+    (len != 0).then_some(len)
 }
 
-/// A syscall on socket `fd` (connection `conn`): when an OpenSSL call is in flight on the thread,
-/// that is its socket.
+/// The open socket of `ssl`, for a call that made no syscall: the one it used last; else (memory
+/// BIOs) the one the thread just read ciphertext from, unless a call on that socket came first.
 #[inline(always)]
-pub fn note_socket(pid_tgid: u64, fd: u32, conn: &ConnState) {
-    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else { return };
+fn socket_of(pid_tgid: u64, ssl: u64, start_ns: u64) -> Option<TlsSocket> {
+    let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl };
+    // SAFETY: plain values, copied.
+    let last = unsafe { TLS_LAST_READS.get(&pid_tgid) }.copied();
+    // SAFETY: as above.
+    let bound = unsafe { TLS_SOCKETS.get(&key) }.copied().filter(|socket| is_open(pid_tgid, socket));
+    let socket = match (bound, last) {
+        (Some(bound), Some(last)) if bound.conn_id != last.socket.conn_id => return Some(bound),
+        (Some(bound), _) => bound,
+        (None, Some(last)) if start_ns.saturating_sub(last.at_ns) <= PAIRING_WINDOW_NS && is_open(pid_tgid, &last.socket) => {
+            let _ = TLS_SOCKETS.insert(&key, &last.socket, 0);
+            last.socket
+        }
+        (None, _) => return None,
+    };
+    if last.is_some() {
+        let _ = TLS_LAST_READS.remove(&pid_tgid); // that read was this call's: it names no other `SSL*`
+    }
+    Some(socket)
+}
+
+/// Whether the connection `socket` names is still the one open on its fd.
+#[inline(always)]
+fn is_open(pid_tgid: u64, socket: &TlsSocket) -> bool {
+    // SAFETY: plain-old-data value.
+    unsafe { CONNS.get(&conn_key((pid_tgid >> 32) as u32, socket.fd)) }.is_some_and(|conn| conn.conn_id == socket.conn_id)
+}
+
+/// A syscall (`dir`) on socket `fd` (connection `conn`): when an OpenSSL call is in flight on the
+/// thread, that is its socket; else a read of ciphertext may name the socket of the next call.
+#[inline(always)]
+pub fn note_socket(pid_tgid: u64, fd: u32, conn: &ConnState, dir: u8) {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+        if conn.tls != 0 && dir == direction::INGRESS {
+            // Memory BIOs: the thread reads ciphertext itself, then calls OpenSSL (`socket_of`).
+            // SAFETY: helper without arguments.
+            let at_ns = unsafe { bpf_ktime_get_ns() };
+            let last = LastRead { socket: TlsSocket { conn_id: conn.conn_id, fd, _pad: 0 }, at_ns };
+            let _ = TLS_LAST_READS.insert(&pid_tgid, &last, 0);
+        }
+        return;
+    };
     // SAFETY: a live map value of this thread's.
     let call = unsafe { &mut *call };
     call.fd = fd;
