@@ -228,6 +228,86 @@ pub fn paused_node_client(urls: &[&str], parallel: bool) -> PausedClient {
     paused_client_with_files(&cmd, Some(files))
 }
 
+const NODE_GRPC_CLIENT: &str = r#"
+const http2 = require('http2');
+
+// Unary gRPC calls in turn on one HTTP/2 connection (node's own http2, as grpc-js); prints each
+// call's grpc-status. The tests' certificates are self-signed.
+const session = http2.connect(process.argv[2], { rejectUnauthorized: false });
+
+function call(path) {
+  return new Promise((resolve, reject) => {
+    const req = session.request({ ':method': 'POST', ':path': path, 'content-type': 'application/grpc', 'te': 'trailers' });
+    let status = 'none';
+    req.on('trailers', (trailers) => { status = trailers['grpc-status']; });
+    req.on('error', reject);
+    req.resume();
+    req.on('end', () => resolve(status));
+    req.end(Buffer.from([0, 0, 0, 0, 2, 8, 1]));
+  });
+}
+
+(async () => {
+  for (const path of process.argv.slice(3)) {
+    console.log(await call(path));
+  }
+  session.close();
+})().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
+"#;
+
+/// A paused `node grpc_client.js <authority> <path>...`: unary gRPC calls to each path in turn on
+/// one HTTP/2 connection (h2c for `http://`, TLS for `https://`), each `grpc-status` on a line.
+pub fn paused_node_grpc_client(authority: &str, paths: &[&str]) -> PausedClient {
+    let files = TempDir::new("node-grpc-client");
+    let script = files.write("grpc_client.js", NODE_GRPC_CLIENT);
+    let mut cmd = vec![node_interpreter().as_os_str(), script.as_os_str(), OsStr::new(authority)];
+    cmd.extend(paths.iter().map(OsStr::new));
+    paused_client_with_files(&cmd, Some(files))
+}
+
+const ASYNCIO_CLIENT: &str = r#"
+import asyncio
+import ssl
+import sys
+from urllib.parse import urlsplit
+
+
+async def main(urls):
+    # asyncio's TLS runs OpenSSL on memory BIOs: the event loop moves the ciphertext itself.
+    first = urlsplit(urls[0])
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the tests' certificates are self-signed
+    reader, writer = await asyncio.open_connection(first.hostname, first.port, ssl=context)
+    for url in urls:
+        path = urlsplit(url).path
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {first.netloc}\r\n\r\n".encode())
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        length = next(int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.lower().startswith("content-length:"))
+        await reader.readexactly(length)
+        print(head.split(" ", 2)[1], flush=True)
+    writer.close()
+    await writer.wait_closed()
+
+
+asyncio.run(main(sys.argv[1:]))
+"#;
+
+/// A paused `python3 asyncio_client.py <url>...`: GETs each path in turn on one keep-alive HTTPS
+/// connection to the first URL's host (asyncio streams: OpenSSL on memory BIOs), printing each
+/// status. The server must answer with `Content-Length`.
+pub fn paused_asyncio_client(urls: &[&str]) -> PausedClient {
+    let files = TempDir::new("asyncio-client");
+    let script = files.write("asyncio_client.py", ASYNCIO_CLIENT);
+    let mut cmd = vec![python_interpreter().as_os_str(), script.as_os_str()];
+    cmd.extend(urls.iter().map(OsStr::new));
+    paused_client_with_files(&cmd, Some(files))
+}
+
 /// Result line of the urllib client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UrllibResult {

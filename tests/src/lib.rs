@@ -24,13 +24,13 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use agent::{pid_args, propagating_pid_args, Agent};
-pub use clients::{curl, curl_args, curl_args_many, paused_client, paused_node_client, paused_urllib_client, run_curl, CurlResult};
+pub use clients::{curl, curl_args, curl_args_many, paused_asyncio_client, paused_client, paused_node_client, paused_node_grpc_client, paused_urllib_client, run_curl, CurlResult};
 pub use grpc::{GrpcCall, GrpcChain, GrpcServer, Nghttpd};
 pub use kafka::{Consume, KafkaHttpService, Library, MockKafka, Produce};
 pub use kube_api::FakeKubeApi;
 pub use otlp::{describe, find_span, OtlpReceiver, Protocol, ReceivedLink, ReceivedSpan, SpanKind, Value};
 pub use postgres::Postgres;
-pub use servers::{Nginx, NodeServer, PyServer};
+pub use servers::{Nginx, NodeGrpcServer, NodeServer, PyServer};
 
 /// How long to wait for spans to reach the receiver (the agent batches for ~1-2 s).
 pub const SPAN_TIMEOUT: Duration = Duration::from_secs(10);

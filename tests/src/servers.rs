@@ -298,6 +298,69 @@ impl NodeServer {
     }
 }
 
+const NODE_GRPC_SERVER: &str = r#"
+const fs = require('fs');
+const http2 = require('http2');
+
+// Unary gRPC on node's own HTTP/2 (the transport grpc-js runs on): one length-prefixed message
+// back, then `grpc-status` in trailers: 5 (NOT_FOUND) for a method named Fail, else 0.
+function handle(stream, headers) {
+  stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+  stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': headers[':path'].endsWith('/Fail') ? '5' : '0' }));
+  stream.resume();
+  stream.end(Buffer.from([0, 0, 0, 0, 2, 8, 1]));
+}
+
+const server = process.env.ZT_TLS_CERT
+  ? http2.createSecureServer({ cert: fs.readFileSync(process.env.ZT_TLS_CERT), key: fs.readFileSync(process.env.ZT_TLS_KEY) })
+  : http2.createServer();
+server.on('stream', handle);
+server.listen(Number(process.argv[2]), '127.0.0.1', () => {
+  console.log('READY ' + server.address().port);
+});
+"#;
+
+/// Unary gRPC answered by node's `http2` module (`grpc_server.js`), h2c with prior knowledge or,
+/// [`NodeGrpcServer::start_tls`], over TLS (ALPN h2): any method answers one message and status
+/// 0, a method named `Fail` status 5 (NOT_FOUND).
+pub struct NodeGrpcServer {
+    script: ScriptProcess,
+    port: u16,
+    scheme: &'static str,
+}
+
+impl NodeGrpcServer {
+    pub fn start() -> NodeGrpcServer {
+        NodeGrpcServer::start_with_env(&[])
+    }
+
+    pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> NodeGrpcServer {
+        let (cert, key) = (cert.cert(), cert.key());
+        NodeGrpcServer::start_with_env(&[("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> NodeGrpcServer {
+        let dir = TempDir::new("node-grpc");
+        dir.write("grpc_server.js", NODE_GRPC_SERVER);
+        let script = ScriptProcess::spawn(node_interpreter(), dir, "grpc_server.js", &["0".to_string()], env);
+        let port = wait_for_ready_port(&script);
+        NodeGrpcServer { script, port, scheme: if env.is_empty() { "http" } else { "https" } }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.script.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL node's `http2.connect` takes.
+    pub fn authority(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+}
+
 /// Size of nginx's `/static/file.bin`.
 pub const NGINX_STATIC_FILE_SIZE: usize = 64 * 1024;
 

@@ -12,8 +12,8 @@ use zerotel_tests::postgres::Postgres;
 use zerotel_tests::servers::Nginx;
 use zerotel_tests::tls::SelfSignedCert;
 use zerotel_tests::{
-    curl_args_many, describe, find_span, paused_client, paused_node_client, paused_urllib_client, pid_args,
-    propagating_pid_args, require_kernel, Agent, NodeServer, OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind,
+    curl_args_many, describe, find_span, paused_asyncio_client, paused_client, paused_node_client, paused_node_grpc_client,
+    paused_urllib_client, pid_args, propagating_pid_args, require_kernel, Agent, NodeGrpcServer, NodeServer, OtlpReceiver, Protocol, PyServer, ReceivedSpan, SpanKind,
     SPAN_TIMEOUT,
 };
 
@@ -188,6 +188,38 @@ fn node_over_tls_gives_the_spans_plaintext_gives_in_one_trace() {
     }
 }
 
+/// Python asyncio's TLS also runs OpenSSL on memory BIOs (its `_ssl` module, the system libssl):
+/// two requests on one connection to the Python ssl server give a CLIENT span each, parent of the
+/// server's SERVER span through the TCP option.
+#[test]
+fn python_asyncio_over_tls_is_traced_like_blocking_sockets() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let server = PyServer::start_tls("backend.py", &cert);
+    let (first, second) = (server.url("/users/1"), server.url("/users/2"));
+    let client = paused_asyncio_client(&[&first, &second]);
+    let client_pid = client.pid();
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(&propagating_pid_args(&[client_pid, server.pid()]), Some(&receiver));
+    let output = client.release();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n200\n", "{output:?}");
+    receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spans = receiver.spans();
+    drop(agent);
+    let all = describe(&spans);
+    assert_eq!(spans.len(), 4, "{all}");
+    for path in ["/users/1", "/users/2"] {
+        let client = find_span(&spans, &format!("CLIENT {path}"), |s| s.is(SpanKind::Client, client_pid, path));
+        let served = find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), path));
+        assert_eq!(client.attr_str("url.scheme"), Some("https"), "{client}");
+        assert_eq!(client.attr_int("http.response.status_code"), Some(200), "{client}");
+        assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
+    }
+}
+
 /// A node client opens 8 TLS connections to a node server at once: node handshakes and reads
 /// them interleaved on its one thread, and every request still gets the SERVER span of its own
 /// connection, under its own CLIENT span.
@@ -217,6 +249,46 @@ fn node_tls_connections_at_once_are_told_apart() {
         let served = find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), &path));
         assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
         assert_eq!(client.attr_int("network.peer.port"), Some(i64::from(server.port())), "{client}");
+    }
+}
+
+/// gRPC over TLS on node's own HTTP/2 (the transport grpc-js runs on; ALPN h2): unary calls, one
+/// answered OK and one NOT_FOUND, give the client and server spans h2c gives.
+#[test]
+fn grpc_over_tls_on_node_gives_the_spans_h2c_gives() {
+    if !require_kernel() {
+        return;
+    }
+    let paths = ["/demo.Echo/Say", "/demo.Echo/Fail"];
+    let run = |server: &NodeGrpcServer| -> (Vec<ReceivedSpan>, u32) {
+        let client = paused_node_grpc_client(&server.authority(), &paths);
+        let client_pid = client.pid();
+        let receiver = OtlpReceiver::start(Protocol::Grpc);
+        let agent = Agent::start(&pid_args(&[client_pid, server.pid()]), Some(&receiver));
+        let output = client.release();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "0\n5\n", "{output:?}");
+        receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let spans = receiver.spans();
+        drop(agent);
+        assert_eq!(spans.len(), 4, "{}", describe(&spans));
+        (spans, client_pid)
+    };
+    let cert = SelfSignedCert::new();
+    let (h2c, tls) = (NodeGrpcServer::start(), NodeGrpcServer::start_tls(&cert));
+    let (h2c_spans, h2c_client) = run(&h2c);
+    let (tls_spans, tls_client) = run(&tls);
+    for (kind, method) in [(SpanKind::Client, "Say"), (SpanKind::Server, "Say"), (SpanKind::Client, "Fail"), (SpanKind::Server, "Fail")] {
+        let what = format!("{kind:?} {method}");
+        let find = |spans: &[ReceivedSpan], client_pid: u32, server_pid: u32| {
+            let pid = if kind == SpanKind::Client { client_pid } else { server_pid };
+            find_span(spans, &what, |s| s.kind == kind && s.pid() == Some(pid) && s.attr_str("rpc.method") == Some(method)).clone()
+        };
+        let (plain_span, tls_span) = (find(&h2c_spans, h2c_client, h2c.pid()), find(&tls_spans, tls_client, tls.pid()));
+        assert_eq!(comparable(&tls_span), comparable(&plain_span), "{what}:\n{plain_span}\n{tls_span}");
+        assert_eq!(tls_span.attr_str("rpc.system"), Some("grpc"), "{tls_span}");
+        assert_eq!(tls_span.attr_int("rpc.grpc.status_code"), Some(if method == "Fail" { 5 } else { 0 }), "{tls_span}");
+        assert_eq!(tls_span.attr_int("server.port"), Some(i64::from(tls.port())), "{tls_span}");
     }
 }
 

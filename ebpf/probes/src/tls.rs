@@ -224,7 +224,11 @@ pub fn note_socket(pid_tgid: u64, fd: u32, conn: &ConnState, dir: u8) {
     let call = unsafe { &mut *call };
     call.fd = fd;
     let key = TlsSocketKey { tgid: pid_tgid >> 32, ssl: call.ssl };
-    let _ = TLS_SOCKETS.insert(&key, &TlsSocket { conn_id: conn.conn_id, fd, _pad: 0 }, 0);
+    // SAFETY: plain values, copied. An update costs more than this look-up, and is rarely needed.
+    let known = unsafe { TLS_SOCKETS.get(&key) }.is_some_and(|socket| socket.conn_id == conn.conn_id && socket.fd == fd);
+    if !known {
+        let _ = TLS_SOCKETS.insert(&key, &TlsSocket { conn_id: conn.conn_id, fd, _pad: 0 }, 0);
+    }
     if call.decided == 0 && call.direction == direction::EGRESS && conn.role == role::CLIENT {
         call.decided = 1;
         propagate(pid_tgid, call.buf, conn);

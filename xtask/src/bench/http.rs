@@ -129,6 +129,7 @@ impl<'a> Loads<'a> {
             rate: self.args.rate,
             connections: self.args.connections,
             duration_s: self.args.rate_duration(),
+            tls: self.url.starts_with("https:"),
         }
     }
 
@@ -514,22 +515,27 @@ fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>
     let a = ctx.args;
     let targets = targets(saturation, rated);
     let mut json = saturation_json(ctx, "http", saturation);
-    json["rate"] = json!({
+    json["rate"] = rate_json(a, rated);
+    json["targets"] = json!(targets);
+    let markdown = [
+        saturation_markdown(a, saturation),
+        rate_markdown("http", a, rated),
+        targets_markdown(&targets),
+    ]
+    .concat();
+    Report { markdown, json }
+}
+
+/// A report's fixed-rate rounds (`bench http`, `bench https`).
+fn rate_json(a: &BenchArgs, rated: &[Round<RateResult>]) -> Value {
+    json!({
         "config": {
             "rate_per_s": a.rate, "duration_s": a.rate_duration(), "connections": a.connections,
         },
         "rounds": rated,
         "medians": medians_json(rated),
         "ratios_traced_over_untraced": ratios_json(rated),
-    });
-    json["targets"] = json!(targets);
-    let markdown = [
-        saturation_markdown(a, saturation),
-        rate_markdown(a, rated),
-        targets_markdown(&targets),
-    ]
-    .concat();
-    Report { markdown, json }
+    })
 }
 
 /// A report's scenario, configuration and saturation rounds (`bench http`, `bench https`).
@@ -587,9 +593,10 @@ fn saturation_markdown(a: &BenchArgs, rounds: &[Round<WrkResult>]) -> String {
     )
 }
 
-fn rate_markdown(a: &BenchArgs, rounds: &[Round<RateResult>]) -> String {
+/// The fixed-rate section of `bench {scenario}`.
+fn rate_markdown(scenario: &str, a: &BenchArgs, rounds: &[Round<RateResult>]) -> String {
     let mut md = format!(
-        "\n## bench http, fixed rate: nginx `GET {}` offered {} req/s over {} keep-alive connections for {} s, {} rounds per mode\n\n\
+        "\n## bench {scenario}, fixed rate: nginx `GET {}` offered {} req/s over {} keep-alive connections for {} s, {} rounds per mode\n\n\
          Open loop: latency counts from each request's scheduled send time.\n\n{}{}",
         a.path,
         a.rate,

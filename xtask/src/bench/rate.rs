@@ -2,10 +2,12 @@
 //! connections, one thread each, send GETs on a fixed schedule totalling `rate` req/s.
 //! Latency counts from each request's scheduled send time, so a stalled server shows up as
 //! latency instead of silently lowering the offered load (wrk's coordinated omission).
+//! Plaintext or TLS (rustls: the load itself never runs OpenSSL, so never hits its uprobes).
 
 use std::{
-    io::{BufReader, Write as _},
+    io::{self, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -27,6 +29,8 @@ pub struct RateLoad<'a> {
     pub rate: u32,
     pub connections: u32,
     pub duration_s: u64,
+    /// HTTPS, trusting whatever certificate the server shows (the bench's own, self-signed).
+    pub tls: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -58,8 +62,9 @@ pub fn run(load: &RateLoad) -> Result<RateResult> {
     let interval = Duration::from_secs_f64(f64::from(load.connections) / f64::from(load.rate));
     let start = Instant::now() + START_DELAY;
     let end = start + Duration::from_secs(load.duration_s);
+    let tls = load.tls.then(tls_config);
     let conns: Vec<Conn> = (0..load.connections)
-        .map(|_| Conn::open(load.addr))
+        .map(|_| Conn::open(load.addr, tls.clone()))
         .collect::<Result<_>>()?;
     let stats = thread::scope(|s| {
         let handles: Vec<_> = conns
@@ -87,30 +92,118 @@ pub fn run(load: &RateLoad) -> Result<RateResult> {
 /// A keep-alive connection; reopened after an error.
 struct Conn {
     addr: SocketAddr,
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    stream: BufReader<Stream>,
 }
 
 impl Conn {
-    fn open(addr: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    fn open(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Self> {
+        let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .with_context(|| format!("cannot connect to {addr}"))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Self {
-            addr,
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+        tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+        let stream = match &tls {
+            None => Stream::Plain(tcp),
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let session = rustls::ClientConnection::new(config.clone(), name)
+                    .context("cannot start a TLS session")?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(session, tcp)))
+            }
+        };
+        Ok(Self { addr, tls, stream: BufReader::new(stream) })
     }
 
     /// One request-response exchange; Ok(false) for a non-2xx answer.
     fn exchange(&mut self, request: &[u8]) -> Result<bool> {
-        self.writer.write_all(request)?;
-        let head = http1::read_head(&mut self.reader)?.context("connection closed")?;
-        http1::read_body(&mut self.reader, &head, false)?;
+        let stream = self.stream.get_mut();
+        stream.write_all(request)?;
+        stream.flush()?;
+        let head = http1::read_head(&mut self.stream)?.context("connection closed")?;
+        http1::read_body(&mut self.stream, &head, false)?;
         Ok(head.status().is_some_and(|s| (200..300).contains(&s)))
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// The bench talks to its own server on 127.0.0.1 with a throwaway self-signed certificate:
+/// any certificate is taken; the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -137,7 +230,7 @@ fn drive(
             Err(_) => {
                 stats.errors += 1;
                 // Reopen; if that fails too the next exchange errors and retries.
-                if let Ok(fresh) = Conn::open(conn.addr) {
+                if let Ok(fresh) = Conn::open(conn.addr, conn.tls.clone()) {
                     conn = fresh;
                 }
             }
@@ -207,6 +300,7 @@ mod tests {
             rate: 200,
             connections: 4,
             duration_s: 1,
+            tls: false,
         };
         let r = run(&load).unwrap();
         assert_eq!((r.requests, r.errors), (200, 0));
