@@ -95,7 +95,11 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     let server = tokio::spawn(telemetry::serve(listener, telemetry.clone()));
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let scope = if config.selection.traces_everything() { Scope::All } else { Scope::Selected };
+    let scope = match &config.selection {
+        selection if selection.traces_everything() => Scope::All,
+        selection if selection.include.is_empty() => Scope::AllExcept,
+        _ => Scope::Selected,
+    };
     let (mut probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
     let propagating = config.propagation != probes::Propagation::Off && propagation_error.is_none();
     telemetry.propagation.store(propagating, std::sync::atomic::Ordering::Relaxed);
@@ -145,9 +149,10 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
             () = programs_changed.notified() => probes.refresh_tls(),
         }
     }
-    log::info!("stopping: detaching probes, flushing spans");
-    // Detach first so nothing new arrives, then let each stage drain into the next.
-    drop(probes);
+    log::info!("stopping: flushing spans, then detaching probes");
+    // Flush first: each stage drains into the next, capture reading what the ring buffer held.
+    // Detaching comes last because the kernel takes long to do it (grace periods for every
+    // probe, a minute for a host's every OpenSSL user), and spans must not wait for it.
     let _ = stop_tx.send(true);
     let drained = async {
         capture.await.context("capture stage")?.context("reading the ring buffer")?;
@@ -158,6 +163,8 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
         log::warn!("shutdown timed out after {:?}; unexported spans were dropped", config.shutdown_timeout);
     }
     server.abort();
+    log::info!("spans flushed; detaching probes");
+    drop(probes);
     Ok(())
 }
 

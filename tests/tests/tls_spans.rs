@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use zerotel_tests::clients::{parse_curl_output, parse_urllib_output};
 use zerotel_tests::otlp::Value;
 use zerotel_tests::postgres::Postgres;
+use zerotel_tests::print::{parse_print_output, PrintedSpan};
+use zerotel_tests::util::poll_until;
 use zerotel_tests::servers::Nginx;
 use zerotel_tests::tls::SelfSignedCert;
 use zerotel_tests::{
@@ -72,6 +74,33 @@ fn curl_to_nginx_over_tls_gives_the_spans_plaintext_gives() {
             assert_eq!(tls_span.attr_str("url.full"), Some(tls.url(path).as_str()), "{tls_span}");
         }
     }
+}
+
+/// With no selector the default rules still exclude kube-system and telemetry agents, so the
+/// kernel asks which processes are traced, while each OpenSSL file is probed once for every
+/// process. curl, started after the agent is ready, and nginx are both traced over TLS.
+#[test]
+fn the_default_selection_traces_tls_with_one_probe_per_file() {
+    if !require_kernel() {
+        return;
+    }
+    let cert = SelfSignedCert::new();
+    let nginx = Nginx::start_tls(&cert);
+    let agent = Agent::start(&["--print".to_owned()], None);
+    let url = nginx.url("/ok");
+    let curl = paused_client(&curl_args_many(&[url.as_str()], &["-k"]));
+    assert_eq!(parse_curl_output(&curl.release()).iter().map(|r| r.status).collect::<Vec<_>>(), [200]);
+    // Everything is traced, this test's own polling of the agent too: only /ok is ours.
+    let found = || parse_print_output(&agent.stdout()).into_iter().filter(|s: &PrintedSpan| s.name == "GET /ok").collect::<Vec<_>>();
+    poll_until(SPAN_TIMEOUT, || found().len() >= 2);
+    let spans = found();
+    let printed = spans.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join("\n");
+    let kinds: Vec<&str> = spans.iter().map(|s| s.kind.as_str()).collect();
+    assert_eq!(kinds.len(), 2, "{printed}");
+    assert!(kinds.contains(&"CLIENT") && kinds.contains(&"SERVER"), "{printed}");
+    let server = spans.iter().find(|s| s.kind == "SERVER").expect("a SERVER span");
+    assert_eq!(server.service, "nginx", "{printed}");
+    assert!(agent.stderr().contains("TLS: OpenSSL uprobes on"), "{}", agent.stderr());
 }
 
 /// Python on every hop (`_ssl`: `SSL_read_ex`/`SSL_write_ex`): urllib calls a front that calls

@@ -77,12 +77,21 @@ pub async fn run(
             _ = stop.changed() => break,
         }
     }
-    drain(ring.get_mut(), &tx, &telemetry).await;
+    // The probes are still attached (they are detached last, which takes long): what the ring
+    // held when asked to stop, at most, not the traffic that keeps coming.
+    drain_at_most(ring.get_mut(), &tx, &telemetry, FINAL_DRAIN_BATCHES).await;
     Ok(())
 }
 
+/// Enough batches to empty a full ring buffer once.
+const FINAL_DRAIN_BATCHES: usize = zerotel_abi::limits::EVENTS_BYTES as usize / BATCH_BYTES + 1;
+
 async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<CapturedEvent>>, telemetry: &Telemetry) {
-    loop {
+    drain_at_most(ring, tx, telemetry, usize::MAX).await;
+}
+
+async fn drain_at_most(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<CapturedEvent>>, telemetry: &Telemetry, batches: usize) {
+    for _ in 0..batches {
         let (batch, full) = read_batch(ring, telemetry);
         if batch.is_empty() {
             return;

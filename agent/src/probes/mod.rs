@@ -94,8 +94,13 @@ pub enum Propagation {
 /// Which processes the kernel traces.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope {
-    /// Only pids in TRACED_PIDS (and their forks).
+    /// Only pids in TRACED_PIDS (and their forks), which include rules chose: usually a few.
     Selected,
+    /// Pids in TRACED_PIDS, which exclude rules alone decide (the default: all but kube-system
+    /// and telemetry agents): nearly every process. The kernel still asks TRACED_PIDS, but each
+    /// OpenSSL file is probed once for all processes, not once per process (hundreds of probes,
+    /// a minute to detach).
+    AllExcept,
     /// Every process but the agent.
     All,
 }
@@ -175,7 +180,7 @@ impl Probes {
             .ok();
         let traced_tasks = match scope {
             Scope::Selected => Some(second_handle(&ebpf, names::TRACED_PIDS)?),
-            Scope::All => None,
+            Scope::AllExcept | Scope::All => None,
         };
         let mut maps = take_maps(&mut ebpf)?;
         if propagate && propagation_error.is_none() {

@@ -10,8 +10,8 @@
 //! from the client's first call (the probes follow the task across exec). A program that exports
 //! OpenSSL is probed once for every process running it (the kernel drops the calls of untraced
 //! ones): attaching takes tens of milliseconds per probe here, and a short-lived node client
-//! would be done before its own were in place. When every process is traced, each file is probed
-//! once for all of them.
+//! would be done before its own were in place. When every process is traced, or exclude rules
+//! alone decide (nearly every process is), each file is probed once for all of them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -219,11 +219,13 @@ fn is_libssl(path: &Path) -> bool {
     path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with("libssl.so"))
 }
 
-/// Whether an executable defines `SSL_write` (node does; most programs do not).
+/// Whether an executable defines `SSL_write` (node does; most programs do not). Read through a
+/// cache of the parts the parser asks for: a program can be 100 MB, its symbol tables are not.
 fn exports_ssl(path: &Path) -> bool {
-    let Ok(data) = std::fs::read(path) else { return false };
-    let Ok(file) = object::File::parse(&*data) else { return false };
-    file.dynamic_symbols().chain(file.symbols()).any(|symbol| symbol.is_definition() && symbol.name() == Ok("SSL_write"))
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    let cache = object::ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&cache) else { return false };
+    elf.dynamic_symbols().chain(elf.symbols()).any(|symbol| symbol.is_definition() && symbol.name() == Ok("SSL_write"))
 }
 
 fn tgid_of(task: u32) -> Option<u32> {

@@ -9,8 +9,10 @@
 
 mod https;
 mod propagation;
+mod sweep;
 
 pub use https::Https;
+pub use sweep::Sweep;
 
 use std::{
     net::SocketAddr,
@@ -39,18 +41,27 @@ use crate::{signals, util::find_cmd};
 
 // What the issue asks of the agent; the report says whether each is met.
 const TARGET_SATURATION_RATIO: f64 = 0.97;
+const TARGET_OTHER_SATURATION_RATIO: f64 = 0.95;
 const TARGET_PEAK_RSS_MIB: f64 = 40.0;
 const TARGET_KERNEL_NS_PER_REQ: f64 = 500.0;
 
-pub struct Http;
+/// `bench http`, or with `close` `bench http-close`: every request on a new connection
+/// (`Connection: close`), which prices connection tracking (accept, close, a map entry each).
+pub struct Http {
+    pub close: bool,
+}
 
 impl Scenario for Http {
     fn name(&self) -> &'static str {
-        "http"
+        if self.close {
+            "http-close"
+        } else {
+            "http"
+        }
     }
 
     fn output_name(&self, args: &BenchArgs) -> String {
-        if args.propagation {
+        if args.propagation && !self.close {
             propagation::NAME.into()
         } else {
             self.name().into()
@@ -58,20 +69,21 @@ impl Scenario for Http {
     }
 
     fn run(&self, ctx: &Ctx) -> Result<Report> {
-        if ctx.args.propagation {
+        if ctx.args.propagation && !self.close {
             return propagation::run(ctx);
         }
         let a = ctx.args;
+        let name = self.name();
         let wrk_bin = find_cmd("wrk").context("wrk is not installed: run `cargo xtask setup`")?;
         // Declared before nginx: dropped after it, so nginx's files outlive nginx.
-        let tmp = TempDir::new("http")?;
+        let tmp = TempDir::new(name)?;
         let nginx = Nginx::start(tmp.path())?;
         let url = format!("http://127.0.0.1:{}{}", nginx.port, a.path);
         eprintln!(
-            "bench http: nginx master {} workers {:?} on {url}",
+            "bench {name}: nginx master {} workers {:?} on {url}",
             nginx.master, nginx.workers
         );
-        let loads = Loads { args: a, url: &url, port: nginx.port };
+        let loads = Loads { args: a, url: &url, port: nginx.port, close: self.close };
         let saturate = |duration_s| loads.saturate(duration_s);
         let fixed_rate = loads.fixed_rate();
         loads.warm_up(&wrk_bin)?;
@@ -96,7 +108,7 @@ impl Scenario for Http {
                 rated.extend(round(tracer, &mode, i, "rate", &NoHooks, load)?);
             }
         }
-        Ok(report(ctx, &saturation, &rated))
+        Ok(report(name, ctx, &saturation, &rated))
     }
 }
 
@@ -115,11 +127,13 @@ pub(super) struct Loads<'a> {
     pub args: &'a BenchArgs,
     pub url: &'a str,
     pub port: u16,
+    /// `Connection: close` on every request (`bench http-close`).
+    pub close: bool,
 }
 
 impl<'a> Loads<'a> {
     pub fn saturate(&self, duration_s: u64) -> Load<'a> {
-        Load { threads: self.args.threads, connections: self.args.connections, duration_s, url: self.url }
+        Load { threads: self.args.threads, connections: self.args.connections, duration_s, url: self.url, close: self.close }
     }
 
     pub fn fixed_rate(&self) -> RateLoad<'a> {
@@ -130,6 +144,7 @@ impl<'a> Loads<'a> {
             connections: self.args.connections,
             duration_s: self.args.rate_duration(),
             tls: self.url.starts_with("https:"),
+            close: self.close,
         }
     }
 
@@ -511,15 +526,17 @@ fn ratio_of<L>(
     Some(med(rounds, num, f)? / med(rounds, den, f)?)
 }
 
-fn report(ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Report {
+fn report(scenario: &str, ctx: &Ctx, saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Report {
     let a = ctx.args;
-    let targets = targets(saturation, rated);
-    let mut json = saturation_json(ctx, "http", saturation);
+    // Keep-alive is the case the issue holds to 97 %; every other scenario to 95 %.
+    let saturation_target = if scenario == "http" { TARGET_SATURATION_RATIO } else { TARGET_OTHER_SATURATION_RATIO };
+    let targets = targets(saturation, rated, saturation_target);
+    let mut json = saturation_json(ctx, scenario, saturation);
     json["rate"] = rate_json(a, rated);
     json["targets"] = json!(targets);
     let markdown = [
-        saturation_markdown(a, saturation),
-        rate_markdown("http", a, rated),
+        saturation_markdown(scenario, a, saturation),
+        rate_markdown(scenario, a, rated),
         targets_markdown(&targets),
     ]
     .concat();
@@ -580,9 +597,10 @@ fn ratios_json<L: LoadStats>(rounds: &[Round<L>]) -> Value {
     })
 }
 
-fn saturation_markdown(a: &BenchArgs, rounds: &[Round<WrkResult>]) -> String {
+fn saturation_markdown(scenario: &str, a: &BenchArgs, rounds: &[Round<WrkResult>]) -> String {
+    let close = if scenario == "http-close" { " -H 'Connection: close'" } else { "" };
     format!(
-        "## bench http: nginx `GET {}` under `wrk -t{} -c{} -d{}s`, {} rounds per mode\n\n{}{}",
+        "## bench {scenario}: nginx `GET {}` under `wrk -t{} -c{} -d{}s{close}`, {} rounds per mode\n\n{}{}",
         a.path,
         a.threads,
         a.connections,
@@ -691,13 +709,13 @@ fn summary<L: LoadStats>(rounds: &[Round<L>]) -> String {
 
 // ---- targets ----
 
-fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>]) -> Vec<Target> {
+fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>], saturation_target: f64) -> Vec<Target> {
     vec![
         Target::new(
             "saturation req/s traced/untraced (median)",
             ratio(saturation, rps),
             Cmp::AtLeast,
-            TARGET_SATURATION_RATIO,
+            saturation_target,
             3,
         ),
         Target::new(

@@ -12,7 +12,9 @@ mod nginx;
 mod postgres;
 mod proc;
 mod rate;
+mod sdk;
 mod sink;
+mod startup;
 mod targets;
 mod wrk;
 
@@ -29,7 +31,8 @@ use crate::{cargo_cmd, setup, signals, util};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none given). Available: http, https, postgres, kafka, grpc.
+    /// Scenarios to run (all when none given). Available: http, http-close, https, sweep,
+    /// postgres, kafka, grpc, startup, sdk.
     pub names: Vec<String>,
     /// Rounds per mode; modes alternate untraced, traced, untraced, ... (saturation, then
     /// fixed rate).
@@ -50,6 +53,9 @@ pub struct BenchArgs {
     /// Offered load of the fixed-rate rounds, total requests per second over --connections.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u32,
+    /// Offered loads of `sweep`'s fixed-rate steps, req/s (comma-separated); saturation follows.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 5_000, 10_000, 20_000])]
+    pub sweep_rates: Vec<u32>,
     /// Duration of each fixed-rate round, seconds [default: --duration].
     #[arg(long, value_name = "SECS")]
     pub rate_duration: Option<u64>,
@@ -95,11 +101,15 @@ pub trait Scenario {
 
 fn scenarios() -> Vec<Box<dyn Scenario>> {
     vec![
-        Box::new(http::Http),
+        Box::new(http::Http { close: false }),
+        Box::new(http::Http { close: true }),
         Box::new(http::Https),
+        Box::new(http::Sweep),
         Box::new(postgres::Postgres),
         Box::new(kafka::Kafka),
         Box::new(grpc::Grpc),
+        Box::new(startup::Startup),
+        Box::new(sdk::Sdk),
     ]
 }
 
@@ -163,8 +173,8 @@ fn check_args(a: &BenchArgs) -> Result<()> {
     if a.rounds == 0 || a.duration == 0 {
         bail!("--rounds and --duration must be at least 1");
     }
-    if a.rate == 0 || a.rate_duration == Some(0) {
-        bail!("--rate and --rate-duration must be at least 1");
+    if a.rate == 0 || a.rate_duration == Some(0) || a.sweep_rates.contains(&0) {
+        bail!("--rate, --sweep-rates and --rate-duration must be at least 1");
     }
     if a.threads == 0 || a.connections < a.threads {
         bail!("wrk needs --connections >= --threads >= 1");

@@ -189,13 +189,23 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// Peak resident set size (VmHWM), MiB.
 pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS), MiB.
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM in /proc/PID/status")?;
+        .with_context(|| format!("no {field} in /proc/PID/status"))?;
     Ok(kib / 1024.0)
 }
 
@@ -238,7 +248,9 @@ mod tests {
     fn own_process_stats() {
         let me = std::process::id();
         assert!(cpu_seconds(me).unwrap() >= 0.0);
-        assert!(peak_rss_mib(me).unwrap() > 0.0);
+        // Now first: it can only grow before the peak is read.
+        let now = rss_mib(me).unwrap();
+        assert!(now > 0.0 && peak_rss_mib(me).unwrap() >= now);
         let ppid = stat_fields(me).unwrap()[1].parse::<u32>().unwrap();
         assert!(children_of(ppid).contains(&me));
     }

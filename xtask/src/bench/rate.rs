@@ -31,6 +31,9 @@ pub struct RateLoad<'a> {
     pub duration_s: u64,
     /// HTTPS, trusting whatever certificate the server shows (the bench's own, self-signed).
     pub tls: bool,
+    /// `Connection: close`: a new connection per request (opened on its schedule, so its
+    /// connect time counts in its latency).
+    pub close: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -57,7 +60,8 @@ pub fn run(load: &RateLoad) -> Result<RateResult> {
     if load.rate == 0 || load.connections == 0 {
         bail!("the fixed-rate load needs --rate >= 1 and --connections >= 1");
     }
-    let request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", load.path, load.addr);
+    let connection = if load.close { "Connection: close\r\n" } else { "" };
+    let request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n{connection}\r\n", load.path, load.addr);
     // Seconds between two requests on one connection; connections are staggered evenly.
     let interval = Duration::from_secs_f64(f64::from(load.connections) / f64::from(load.rate));
     let start = Instant::now() + START_DELAY;
@@ -73,7 +77,8 @@ pub fn run(load: &RateLoad) -> Result<RateResult> {
             .map(|(i, conn)| {
                 let first = start + interval.mul_f64(i as f64 / f64::from(load.connections));
                 let request = request.as_bytes();
-                s.spawn(move || drive(conn, request, first, interval, end))
+                let close = load.close;
+                s.spawn(move || drive(conn, request, close, first, interval, end))
             })
             .collect();
         handles
@@ -207,10 +212,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// Sends on `conn` at `first`, `first + interval`, ... until `end`.
+/// Sends on `conn` at `first`, `first + interval`, ... until `end`; with `close`, on a new
+/// connection each time.
 fn drive(
     mut conn: Conn,
     request: &[u8],
+    close: bool,
     first: Instant,
     interval: Duration,
     end: Instant,
@@ -223,6 +230,16 @@ fn drive(
     while due < end && !signals::interrupted() {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
+        }
+        if close && stats.latencies_ns.len() as u64 + stats.errors > 0 {
+            match Conn::open(conn.addr, conn.tls.clone()) {
+                Ok(fresh) => conn = fresh,
+                Err(_) => {
+                    stats.errors += 1;
+                    due += interval;
+                    continue;
+                }
+            }
         }
         match conn.exchange(request) {
             Ok(true) => stats.latencies_ns.push(due.elapsed().as_nanos() as u64),
@@ -301,6 +318,7 @@ mod tests {
             connections: 4,
             duration_s: 1,
             tls: false,
+            close: false,
         };
         let r = run(&load).unwrap();
         assert_eq!((r.requests, r.errors), (200, 0));

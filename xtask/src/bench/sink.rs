@@ -1,5 +1,7 @@
 //! A do-nothing OTLP/HTTP receiver: accepts POSTs, discards the body, answers 200, so the
 //! traced rounds pay the agent's real export cost without a collector or console output.
+//! On request it also counts the spans of each body (`start_counting`), for a bench that must
+//! show an exporter other than the agent really delivered.
 
 use std::{
     io::{BufReader, Write as _},
@@ -19,7 +21,11 @@ use super::http1;
 struct Counters {
     posts: AtomicU64,
     bytes: AtomicU64,
+    spans: AtomicU64,
 }
+
+/// Spans in one OTLP request body.
+pub type SpanCounter = fn(&[u8]) -> u64;
 
 pub struct Sink {
     pub addr: SocketAddr,
@@ -29,6 +35,15 @@ pub struct Sink {
 
 impl Sink {
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// A sink that also counts the spans of every POST with `count` (see [`Sink::spans`]).
+    pub fn start_counting(count: SpanCounter) -> Result<Self> {
+        Self::start_with(Some(count))
+    }
+
+    fn start_with(count: Option<SpanCounter>) -> Result<Self> {
         let listener =
             TcpListener::bind("127.0.0.1:0").context("OTLP sink: cannot bind 127.0.0.1")?;
         let addr = listener.local_addr()?;
@@ -37,7 +52,7 @@ impl Sink {
         let (s, c) = (stop.clone(), counters.clone());
         thread::Builder::new()
             .name("otlp-sink".into())
-            .spawn(move || accept_loop(listener, s, c))
+            .spawn(move || accept_loop(listener, s, c, count))
             .context("cannot start the OTLP sink thread")?;
         Ok(Self {
             addr,
@@ -57,6 +72,11 @@ impl Sink {
             self.counters.bytes.load(Ordering::Relaxed),
         )
     }
+
+    /// Spans received so far; always 0 unless started with [`Sink::start_counting`].
+    pub fn spans(&self) -> u64 {
+        self.counters.spans.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Sink {
@@ -66,7 +86,12 @@ impl Drop for Sink {
     }
 }
 
-fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
+fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    count: Option<SpanCounter>,
+) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -76,12 +101,12 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, counters: Arc<Count
         // One thread per connection: the exporter keeps few, long-lived connections.
         let _ = thread::Builder::new()
             .name("otlp-conn".into())
-            .spawn(move || serve(conn, &c));
+            .spawn(move || serve(conn, &c, count));
     }
 }
 
 /// Serves keep-alive requests until the peer closes; errors just drop the connection.
-fn serve(conn: TcpStream, counters: &Counters) -> Result<()> {
+fn serve(conn: TcpStream, counters: &Counters, count: Option<SpanCounter>) -> Result<()> {
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
     while let Some(head) = http1::read_head(&mut reader)? {
@@ -97,6 +122,9 @@ fn serve(conn: TcpStream, counters: &Counters) -> Result<()> {
             counters
                 .bytes
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
+            if let Some(count) = count {
+                counters.spans.fetch_add(count(&body), Ordering::Relaxed);
+            }
         }
         writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")?;
     }

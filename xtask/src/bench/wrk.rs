@@ -13,6 +13,8 @@ pub struct Load<'a> {
     pub connections: u32,
     pub duration_s: u64,
     pub url: &'a str,
+    /// `Connection: close`: a new connection per request.
+    pub close: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -34,12 +36,11 @@ pub fn run(wrk: &Path, load: &Load) -> Result<WrkResult> {
         "-c",
         &load.connections.to_string(),
     ])
-    .args([
-        "-d",
-        &format!("{}s", load.duration_s),
-        "--latency",
-        load.url,
-    ]);
+    .args(["-d", &format!("{}s", load.duration_s), "--latency"]);
+    if load.close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(load.url);
     let (status, out) = proc::run_polled(&mut cmd)?;
     if !status.success() {
         bail!("`{}` failed ({status}):\n{out}", display(&cmd));

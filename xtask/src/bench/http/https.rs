@@ -37,7 +37,7 @@ impl Scenario for Https {
         let nginx = Nginx::start_site(tmp.path(), &Site::OriginTls)?;
         let url = format!("https://127.0.0.1:{}{}", nginx.port, a.path);
         eprintln!("bench https: nginx master {} workers {:?} on {url}", nginx.master, nginx.workers);
-        let loads = Loads { args: a, url: &url, port: nginx.port };
+        let loads = Loads { args: a, url: &url, port: nginx.port, close: false };
         loads.warm_up(&wrk_bin)?;
         let tracer = match ctx.agent {
             Some(exe) => Some(Tracer::new(exe, nginx.pids(), &a.agent_args, tmp.path().into())?),

@@ -104,7 +104,7 @@ pub fn run(ctx: &Ctx) -> Result<Report> {
         "bench http --propagation: nginx A (proxy) master {} workers {:?} on {url} -> nginx B master {} workers {:?} on port {}",
         proxy.master, proxy.workers, backend.master, backend.workers, backend.port
     );
-    let loads = super::Loads { args: a, url: &url, port: proxy.port };
+    let loads = super::Loads { args: a, url: &url, port: proxy.port, close: false };
     let saturate = |duration_s| loads.saturate(duration_s);
     let fixed_rate = loads.fixed_rate();
     loads.warm_up(&wrk_bin)?;
