@@ -146,7 +146,8 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = tls_rescan.tick() => probes.refresh_tls(),
-            () = programs_changed.notified() => probes.refresh_tls(),
+            // Per-process probes only: shared ones already cover a new process's known files.
+            () = programs_changed.notified(), if matches!(scope, Scope::Selected) => probes.refresh_tls(),
         }
     }
     log::info!("stopping: flushing spans, then detaching probes");
