@@ -152,8 +152,8 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
     }
     log::info!("stopping: flushing spans, then detaching probes");
     // Flush first: each stage drains into the next, capture reading what the ring buffer held.
-    // Detaching comes last because the kernel takes long to do it (grace periods for every
-    // probe, a minute for a host's every OpenSSL user), and spans must not wait for it.
+    // Detaching comes last because the kernel takes long to do it (RCU grace periods for every
+    // probe: seconds), and spans must not wait for it.
     let _ = stop_tx.send(true);
     let drained = async {
         capture.await.context("capture stage")?.context("reading the ring buffer")?;
