@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::process::{collect_pipe, spawn, terminate, wait_with_timeout, ChildGuard, ScriptProcess};
-use crate::servers::{node_interpreter, python_interpreter};
+use crate::servers::{node_interpreter, python_interpreter, NODE_GET};
 use crate::util::{poll_until, TempDir};
 
 /// How long a released client may run.
@@ -179,24 +179,8 @@ pub fn paused_urllib_client(url: &str) -> PausedClient {
     paused_client_with_files(&cmd, Some(files))
 }
 
+/// Follows [`NODE_GET`].
 const NODE_CLIENT: &str = r#"
-const http = require('http');
-const https = require('https');
-
-// One keep-alive agent per scheme; the tests' certificates are self-signed.
-const agents = { 'http:': new http.Agent({ keepAlive: true }), 'https:': new https.Agent({ keepAlive: true, rejectUnauthorized: false }) };
-
-function get(url) {
-  const protocol = new URL(url).protocol;
-  const client = protocol === 'https:' ? https : http;
-  return new Promise((resolve, reject) => {
-    client.get(url, { agent: agents[protocol] }, (res) => {
-      res.resume();
-      res.on('end', () => resolve(res.statusCode));
-    }).on('error', reject);
-  });
-}
-
 (async () => {
   const parallel = process.argv[2] === '--parallel';
   const urls = process.argv.slice(parallel ? 3 : 2);
@@ -219,7 +203,7 @@ function get(url) {
 /// prints each status on a line of its own.
 pub fn paused_node_client(urls: &[&str], parallel: bool) -> PausedClient {
     let files = TempDir::new("node-client");
-    let script = files.write("client.js", NODE_CLIENT);
+    let script = files.write("client.js", [NODE_GET, NODE_CLIENT].concat());
     let mut cmd = vec![node_interpreter().as_os_str(), script.as_os_str()];
     if parallel {
         cmd.push(OsStr::new("--parallel"));

@@ -184,9 +184,8 @@ impl PyServer {
 
     /// Like [`PyServer::start`], serving HTTPS with `cert` (Python's ssl, that is OpenSSL).
     pub fn start_tls(script_name: &str, cert: &crate::tls::SelfSignedCert) -> PyServer {
-        let (cert, key) = (cert.cert(), cert.key());
-        let env = [("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))];
-        PyServer::start_in(script_name, &env, None)
+        let env = cert.script_env();
+        PyServer::start_in(script_name, &env.each_ref().map(|(name, value)| (*name, value.as_str())), None)
     }
 
     /// `http://127.0.0.1:<port><path>` (`https` when serving TLS)
@@ -200,12 +199,12 @@ impl PyServer {
     }
 }
 
-const NODE_SERVER: &str = r#"
-const fs = require('fs');
+/// The start of node's test scripts: `get(url)` resolves to the status of a GET, on one keep-alive
+/// agent per scheme (http, https with the tests' self-signed certificates).
+pub(crate) const NODE_GET: &str = r#"
 const http = require('http');
 const https = require('https');
 
-// Keep-alive agents for `/chain` calls; the tests' certificates are self-signed.
 const agents = { 'http:': new http.Agent({ keepAlive: true }), 'https:': new https.Agent({ keepAlive: true, rejectUnauthorized: false }) };
 
 function get(url) {
@@ -218,6 +217,11 @@ function get(url) {
     }).on('error', reject);
   });
 }
+"#;
+
+/// Follows [`NODE_GET`] (`/chain` calls use its `get`).
+const NODE_SERVER: &str = r#"
+const fs = require('fs');
 
 function handle(req, res) {
   const url = new URL(req.url, 'http://localhost');
@@ -260,41 +264,53 @@ server.listen(Number(process.argv[2]), '127.0.0.1', () => {
 /// A node `http.createServer` (`server.js`), or `https.createServer` ([`NodeServer::start_tls`]):
 /// `/hello` 200, `/boom` 500, `/items/<n>` 200 chunked (two writes then end), `/chain?to=<url>`
 /// calls `<url>` (keep-alive) then 200, else 404.
-pub struct NodeServer {
+pub struct NodeServer(NodeScript);
+
+impl NodeServer {
+    pub fn start() -> NodeServer {
+        NodeServer(NodeScript::start("server.js", &[NODE_GET, NODE_SERVER].concat(), None))
+    }
+
+    /// HTTPS with `cert` (node's own OpenSSL, inside the node binary).
+    pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> NodeServer {
+        NodeServer(NodeScript::start("server.js", &[NODE_GET, NODE_SERVER].concat(), Some(cert)))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.script.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.0.origin())
+    }
+}
+
+/// A node script that prints `READY <port>` once it listens on a free port: plaintext, or with
+/// the tests' certificate in its environment.
+struct NodeScript {
     script: ScriptProcess,
     port: u16,
     scheme: &'static str,
 }
 
-impl NodeServer {
-    pub fn start() -> NodeServer {
-        NodeServer::start_with_env(&[])
-    }
-
-    /// HTTPS with `cert` (node's own OpenSSL, inside the node binary).
-    pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> NodeServer {
-        let (cert, key) = (cert.cert(), cert.key());
-        NodeServer::start_with_env(&[("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))])
-    }
-
-    fn start_with_env(env: &[(&str, &str)]) -> NodeServer {
+impl NodeScript {
+    fn start(file: &str, text: &str, cert: Option<&crate::tls::SelfSignedCert>) -> NodeScript {
         let dir = TempDir::new("node");
-        dir.write("server.js", NODE_SERVER);
-        let script = ScriptProcess::spawn(node_interpreter(), dir, "server.js", &["0".to_string()], env);
+        dir.write(file, text);
+        let env = cert.map(crate::tls::SelfSignedCert::script_env);
+        let env: Vec<(&str, &str)> = env.iter().flatten().map(|(name, value)| (*name, value.as_str())).collect();
+        let script = ScriptProcess::spawn(node_interpreter(), dir, file, &["0".to_string()], &env);
         let port = wait_for_ready_port(&script);
-        NodeServer { script, port, scheme: if env.is_empty() { "http" } else { "https" } }
+        NodeScript { script, port, scheme: if cert.is_some() { "https" } else { "http" } }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.script.pid()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
+    /// `scheme://127.0.0.1:port`.
+    fn origin(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 }
 
@@ -323,41 +339,28 @@ server.listen(Number(process.argv[2]), '127.0.0.1', () => {
 /// Unary gRPC answered by node's `http2` module (`grpc_server.js`), h2c with prior knowledge or,
 /// [`NodeGrpcServer::start_tls`], over TLS (ALPN h2): any method answers one message and status
 /// 0, a method named `Fail` status 5 (NOT_FOUND).
-pub struct NodeGrpcServer {
-    script: ScriptProcess,
-    port: u16,
-    scheme: &'static str,
-}
+pub struct NodeGrpcServer(NodeScript);
 
 impl NodeGrpcServer {
     pub fn start() -> NodeGrpcServer {
-        NodeGrpcServer::start_with_env(&[])
+        NodeGrpcServer(NodeScript::start("grpc_server.js", NODE_GRPC_SERVER, None))
     }
 
     pub fn start_tls(cert: &crate::tls::SelfSignedCert) -> NodeGrpcServer {
-        let (cert, key) = (cert.cert(), cert.key());
-        NodeGrpcServer::start_with_env(&[("ZT_TLS_CERT", cert.to_str().expect("utf-8 path")), ("ZT_TLS_KEY", key.to_str().expect("utf-8 path"))])
-    }
-
-    fn start_with_env(env: &[(&str, &str)]) -> NodeGrpcServer {
-        let dir = TempDir::new("node-grpc");
-        dir.write("grpc_server.js", NODE_GRPC_SERVER);
-        let script = ScriptProcess::spawn(node_interpreter(), dir, "grpc_server.js", &["0".to_string()], env);
-        let port = wait_for_ready_port(&script);
-        NodeGrpcServer { script, port, scheme: if env.is_empty() { "http" } else { "https" } }
+        NodeGrpcServer(NodeScript::start("grpc_server.js", NODE_GRPC_SERVER, Some(cert)))
     }
 
     pub fn pid(&self) -> u32 {
-        self.script.pid()
+        self.0.script.pid()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.0.port
     }
 
     /// The URL node's `http2.connect` takes.
     pub fn authority(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+        self.0.origin()
     }
 }
 

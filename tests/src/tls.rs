@@ -32,6 +32,12 @@ impl SelfSignedCert {
     pub fn key(&self) -> PathBuf {
         self.dir.join("key.pem")
     }
+
+    /// `ZT_TLS_CERT` and `ZT_TLS_KEY`: where the tests' script servers find it.
+    pub fn script_env(&self) -> [(&'static str, String); 2] {
+        let path = |path: PathBuf| path.to_str().expect("utf-8 path").to_owned();
+        [("ZT_TLS_CERT", path(self.cert())), ("ZT_TLS_KEY", path(self.key()))]
+    }
 }
 
 impl Default for SelfSignedCert {

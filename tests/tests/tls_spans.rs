@@ -5,8 +5,10 @@
 //! span. Trace context goes from a traced client to a traced server in a TCP header option.
 
 use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::Duration;
 
-use zerotel_tests::clients::{parse_curl_output, parse_urllib_output};
+use zerotel_tests::clients::{parse_curl_output, parse_urllib_output, PausedClient};
 use zerotel_tests::otlp::Value;
 use zerotel_tests::postgres::Postgres;
 use zerotel_tests::print::{parse_print_output, PrintedSpan};
@@ -28,24 +30,42 @@ fn comparable(span: &ReceivedSpan) -> (String, SpanKind, bool, BTreeMap<String, 
     (span.name.clone(), span.kind, span.status_error, attributes)
 }
 
+/// How long to keep listening once the expected spans arrived, so that an extra one would show.
+const EXTRA_SPANS_WAIT: Duration = Duration::from_millis(1500);
+
+/// Releases `client` once an agent run with `args` traces it, checks what it printed with `check`,
+/// and returns the spans exported: exactly `expected` of them, none more after a settling wait.
+fn traced_run(client: PausedClient, args: &[String], expected: usize, check: impl FnOnce(&Output)) -> Vec<ReceivedSpan> {
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let agent = Agent::start(args, Some(&receiver));
+    check(&client.release());
+    receiver.wait_for(|spans| spans.len() >= expected, SPAN_TIMEOUT);
+    std::thread::sleep(EXTRA_SPANS_WAIT);
+    let spans = receiver.spans();
+    drop(agent);
+    assert_eq!(spans.len(), expected, "{}", describe(&spans));
+    spans
+}
+
+/// `child` continues `parent`'s trace as its direct child.
+fn assert_child_of(parent: &ReceivedSpan, child: &ReceivedSpan, what: &str, all: &str) {
+    assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
+}
+
 /// curl fetches /ok and /fail from `nginx` on one connection, both traced: the spans of each side.
 fn curl_to_nginx(nginx: &Nginx) -> Vec<ReceivedSpan> {
     let urls = [nginx.url("/ok"), nginx.url("/fail")];
     let curl = paused_client(&curl_args_many(&[urls[0].as_str(), urls[1].as_str()], &["-k"]));
     let curl_pid = curl.pid();
-    let receiver = OtlpReceiver::start(Protocol::Grpc);
     let mut pids = nginx.pids();
     pids.push(curl_pid);
-    let agent = Agent::start(&pid_args(&pids), Some(&receiver));
-    let statuses: Vec<u16> = parse_curl_output(&curl.release()).iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [200, 503]);
-    let of = |spans: &[ReceivedSpan], kind| spans.iter().filter(|s| s.kind == kind).count();
-    receiver.wait_for(|spans| of(spans, SpanKind::Client) >= 2 && of(spans, SpanKind::Server) >= 2, SPAN_TIMEOUT);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let spans = receiver.spans();
-    drop(agent);
+    let spans = traced_run(curl, &pid_args(&pids), 4, |output| {
+        let statuses: Vec<u16> = parse_curl_output(output).iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [200, 503]);
+    });
     let all = describe(&spans);
-    assert_eq!((of(&spans, SpanKind::Client), of(&spans, SpanKind::Server), spans.len()), (2, 2, 4), "{all}");
+    let of = |kind| spans.iter().filter(|s| s.kind == kind).count();
+    assert_eq!((of(SpanKind::Client), of(SpanKind::Server)), (2, 2), "{all}");
     for span in &spans {
         let pid = span.pid().expect("process.pid");
         assert_eq!(span.kind == SpanKind::Client, pid == curl_pid, "{all}");
@@ -118,15 +138,9 @@ fn python_over_tls_is_one_trace_through_the_tcp_option() {
     let url = front.url(&format!("/chain?to={}", backend.url("/users/7")));
     let client = paused_urllib_client(&url);
     let client_pid = client.pid();
-    let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&propagating_pid_args(&[client_pid, front.pid(), backend.pid()]), Some(&receiver));
-    assert_eq!(parse_urllib_output(&client.release()).status, 200);
-    receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let spans = receiver.spans();
-    drop(agent);
+    let args = propagating_pid_args(&[client_pid, front.pid(), backend.pid()]);
+    let spans = traced_run(client, &args, 4, |output| assert_eq!(parse_urllib_output(output).status, 200));
     let all = describe(&spans);
-    assert_eq!(spans.len(), 4, "{all}");
     let span = |kind, pid, path: &str| find_span(&spans, &format!("{kind:?} {path} of {pid}"), |s| s.is(kind, pid, path)).clone();
     let urllib = span(SpanKind::Client, client_pid, "/chain");
     let front_server = span(SpanKind::Server, front.pid(), "/chain");
@@ -144,7 +158,7 @@ fn python_over_tls_is_one_trace_through_the_tcp_option() {
         (&front_client, &backend_server, "the backend's SERVER span under the front's call (TCP option)"),
     ];
     for (parent, child, what) in links {
-        assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{what}:\n{all}");
+        assert_child_of(parent, child, what, &all);
     }
 }
 
@@ -157,16 +171,10 @@ fn node_chain(tls: Option<&SelfSignedCert>) -> (Vec<ReceivedSpan>, [u32; 3]) {
     let chain = front.url(&format!("/chain?to={}", backend.url("/items/7")));
     let client = paused_node_client(&[&chain, &front.url("/boom")], false);
     let pids = [client.pid(), front.pid(), backend.pid()];
-    let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&propagating_pid_args(&pids), Some(&receiver));
-    let output = client.release();
-    assert!(output.status.success(), "{output:?}");
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n500\n");
-    receiver.wait_for(|spans| spans.len() >= 6, SPAN_TIMEOUT);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let spans = receiver.spans();
-    drop(agent);
-    assert_eq!(spans.len(), 6, "{}", describe(&spans));
+    let spans = traced_run(client, &propagating_pid_args(&pids), 6, |output| {
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n500\n");
+    });
     (spans, pids)
 }
 
@@ -207,7 +215,7 @@ fn node_over_tls_gives_the_spans_plaintext_gives_in_one_trace() {
             (&client_boom, &front_boom, "the front's /boom under the client's call"),
         ];
         for (parent, child, what) in links {
-            assert_eq!((&child.trace_id, &child.parent_span_id), (&parent.trace_id, &parent.span_id), "{scheme}: {what}:\n{all}");
+            assert_child_of(parent, child, &format!("{scheme}: {what}"), &all);
         }
         assert!(front_boom.status_error && client_boom.status_error, "{all}");
     }
@@ -230,22 +238,16 @@ fn python_asyncio_over_tls_is_traced_like_blocking_sockets() {
     let (first, second) = (server.url("/users/1"), server.url("/users/2"));
     let client = paused_asyncio_client(&[&first, &second]);
     let client_pid = client.pid();
-    let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&propagating_pid_args(&[client_pid, server.pid()]), Some(&receiver));
-    let output = client.release();
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n200\n", "{output:?}");
-    receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let spans = receiver.spans();
-    drop(agent);
+    let spans = traced_run(client, &propagating_pid_args(&[client_pid, server.pid()]), 4, |output| {
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n200\n", "{output:?}");
+    });
     let all = describe(&spans);
-    assert_eq!(spans.len(), 4, "{all}");
     for path in ["/users/1", "/users/2"] {
         let client = find_span(&spans, &format!("CLIENT {path}"), |s| s.is(SpanKind::Client, client_pid, path));
         let served = find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), path));
         assert_eq!(client.attr_str("url.scheme"), Some("https"), "{client}");
         assert_eq!(client.attr_int("http.response.status_code"), Some(200), "{client}");
-        assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
+        assert_child_of(client, served, path, &all);
     }
 }
 
@@ -262,21 +264,15 @@ fn node_tls_connections_at_once_are_told_apart() {
     let urls: Vec<String> = (0..8).map(|n| server.url(&format!("/items/{n}"))).collect();
     let client = paused_node_client(&urls.iter().map(String::as_str).collect::<Vec<_>>(), true);
     let client_pid = client.pid();
-    let receiver = OtlpReceiver::start(Protocol::Grpc);
-    let agent = Agent::start(&propagating_pid_args(&[client_pid, server.pid()]), Some(&receiver));
-    let output = client.release();
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n".repeat(8), "{output:?}");
-    receiver.wait_for(|spans| spans.len() >= 16, SPAN_TIMEOUT);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let spans = receiver.spans();
-    drop(agent);
+    let spans = traced_run(client, &propagating_pid_args(&[client_pid, server.pid()]), 16, |output| {
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n".repeat(8), "{output:?}");
+    });
     let all = describe(&spans);
-    assert_eq!(spans.len(), 16, "{all}");
     for n in 0..8 {
         let path = format!("/items/{n}");
         let client = find_span(&spans, &format!("CLIENT {path}"), |s| s.is(SpanKind::Client, client_pid, &path));
         let served = find_span(&spans, &format!("SERVER {path}"), |s| s.is(SpanKind::Server, server.pid(), &path));
-        assert_eq!((&served.trace_id, &served.parent_span_id), (&client.trace_id, &client.span_id), "{path}:\n{all}");
+        assert_child_of(client, served, &path, &all);
         assert_eq!(client.attr_int("network.peer.port"), Some(i64::from(server.port())), "{client}");
     }
 }
@@ -292,15 +288,9 @@ fn grpc_over_tls_on_node_gives_the_spans_h2c_gives() {
     let run = |server: &NodeGrpcServer| -> (Vec<ReceivedSpan>, u32) {
         let client = paused_node_grpc_client(&server.authority(), &paths);
         let client_pid = client.pid();
-        let receiver = OtlpReceiver::start(Protocol::Grpc);
-        let agent = Agent::start(&pid_args(&[client_pid, server.pid()]), Some(&receiver));
-        let output = client.release();
-        assert_eq!(String::from_utf8_lossy(&output.stdout), "0\n5\n", "{output:?}");
-        receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        let spans = receiver.spans();
-        drop(agent);
-        assert_eq!(spans.len(), 4, "{}", describe(&spans));
+        let spans = traced_run(client, &pid_args(&[client_pid, server.pid()]), 4, |output| {
+            assert_eq!(String::from_utf8_lossy(&output.stdout), "0\n5\n", "{output:?}");
+        });
         (spans, client_pid)
     };
     let cert = SelfSignedCert::new();
@@ -337,16 +327,13 @@ fn psql_over_tls_gives_the_spans_plaintext_gives() {
         args.extend(command.get_args().map(ToOwned::to_owned));
         let psql = paused_client(&args);
         let pid = psql.pid();
-        let receiver = OtlpReceiver::start(Protocol::Grpc);
-        let agent = Agent::start(&pid_args(&[pid]), Some(&receiver));
-        let output = psql.release();
-        assert!(output.status.success(), "{output:?}");
-        receiver.wait_for(|spans| spans.len() >= 4, SPAN_TIMEOUT);
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        let mut spans = receiver.spans();
-        drop(agent);
+        let mut stdout = String::new();
+        let mut spans = traced_run(psql, &pid_args(&[pid]), 4, |output| {
+            assert!(output.status.success(), "{output:?}");
+            stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        });
         spans.sort_by_key(|s| s.start_unix_ns);
-        (String::from_utf8_lossy(&output.stdout).into_owned(), spans)
+        (stdout, spans)
     };
     let (plain_out, plain) = run(&Postgres::start());
     let tls_pg = Postgres::start_tls();

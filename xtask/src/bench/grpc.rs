@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use super::{
     client_rounds::{self, max_agent, med, med_agent, ratio, AgentUse, Bench, ServerLoad},
     proc::{self, free_port, wait_listening, Guard, TempDir},
-    targets::{num, targets_markdown, Cmp, Target},
+    targets::{fmt_us, num, targets_markdown, Cmp, Target},
     wrk::parse_duration_us,
     BenchArgs, Ctx, Report, Scenario,
 };
@@ -484,14 +484,6 @@ fn summary(rounds: &[Round]) -> String {
         s += "agent: not run (--untraced-only)\n";
     }
     s
-}
-
-fn fmt_us(us: f64) -> String {
-    if us >= 1000.0 {
-        format!("{:.2}ms", us / 1000.0)
-    } else {
-        format!("{us:.0}us")
-    }
 }
 
 // ---- targets ----

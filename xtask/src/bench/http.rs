@@ -33,7 +33,7 @@ use super::{
     proc::TempDir,
     rate::{self, RateLoad, RateResult},
     sink::Sink,
-    targets::{num, targets_markdown, Cmp, Target},
+    targets::{fmt_us, num, targets_markdown, Cmp, Target},
     wrk::{self, Load, WrkResult},
     BenchArgs, Ctx, Report, Scenario,
 };
@@ -740,14 +740,6 @@ fn targets(saturation: &[Round<WrkResult>], rated: &[Round<RateResult>], saturat
             0,
         ),
     ]
-}
-
-fn fmt_us(us: f64) -> String {
-    if us >= 1000.0 {
-        format!("{:.2}ms", us / 1000.0)
-    } else {
-        format!("{us:.0}us")
-    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use super::{
     median,
     proc::{self, TempDir},
     sink::Sink,
-    targets::{num, targets_markdown, Cmp, Target},
+    targets::{fmt_us, num, targets_markdown, Cmp, Target},
     wrk::{self, Load, WrkResult},
     BenchArgs, Ctx, Report, Scenario,
 };
@@ -635,14 +635,6 @@ fn app_markdown(rounds: &[Round], app: &App) -> String {
 
 fn pct(v: Option<f64>) -> String {
     v.map_or("n/a".into(), |v| format!("{:.1} %", v * 100.0))
-}
-
-fn fmt_us(us: f64) -> String {
-    if us >= 1000.0 {
-        format!("{:.2}ms", us / 1000.0)
-    } else {
-        format!("{us:.0}us")
-    }
 }
 
 #[cfg(test)]

@@ -5,9 +5,7 @@
 //! idle, then stops it.
 
 use std::{
-    fs,
-    net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -18,18 +16,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    http1,
-    proc::{self, free_port, Guard, TempDir},
+    agent::{self, Agent},
+    proc::{self, Guard, TempDir},
     sink::Sink,
     targets::{num, targets_markdown, Cmp, Target},
     Ctx, Report, Scenario,
 };
-use crate::{signals, util::display};
+use crate::signals;
 
-/// Longest wait for /healthz before the round fails.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often /healthz is asked: fine enough to time a start-up well under a second.
-const POLL: Duration = Duration::from_millis(5);
 /// Idle time after ready, before RSS and CPU are read: start-up work (BTF, object parsing) is done.
 const IDLE: Duration = Duration::from_secs(5);
 /// How long SIGTERM may take before SIGKILL.
@@ -59,12 +53,12 @@ impl Scenario for Startup {
         // The selected process: a sleeper that lives as long as the bench.
         let sleeper = Command::new("sleep").arg("3600").stdin(Stdio::null()).spawn().context("cannot start `sleep`")?;
         let sleeper = Guard::new("sleep", sleeper);
-        let selected = ["--pid".to_owned(), sleeper.pid().to_string()];
+        let selected = [sleeper.pid()];
         let mut rounds = Vec::new();
         for i in 1..=ctx.args.rounds {
-            for (mode, args) in [(SELECTED, &selected[..]), (EVERYTHING, &[][..])] {
+            for (mode, pids) in [(SELECTED, &selected[..]), (EVERYTHING, &[][..])] {
                 let log = tmp.path().join(format!("agent-{i}-{}.log", rounds.len()));
-                let round = launch(exe, args, &ctx.args.agent_args, &endpoint, &log)
+                let round = launch(exe, pids, &ctx.args.agent_args, &endpoint, log)
                     .with_context(|| format!("round {i}, {mode}"))?;
                 eprintln!(
                     "bench startup: round {i}, {mode}: ready in {:.3} s, idle RSS {:.1} MiB, stopped in {:.2} s",
@@ -95,45 +89,19 @@ struct Round {
 }
 
 /// One agent run: spawn, time /healthz, idle, read /proc, SIGTERM.
-fn launch(exe: &Path, mode_args: &[String], user_args: &[String], endpoint: &str, log: &Path) -> Result<Round> {
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut cmd = Command::new(exe);
-    cmd.args(mode_args)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .args(["--otlp-endpoint", endpoint, "--otlp-protocol", "http/protobuf"])
-        .args(user_args);
-    let out = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-    let launched = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot start `{}`", display(&cmd)))?;
-    let mut agent = Guard::new("zerotel", child);
-    let ready_s = wait_ready(&mut agent, listen, log, launched)?;
-    let cpu_before = proc::cpu_seconds(agent.pid())?;
+fn launch(exe: &Path, pids: &[u32], user_args: &[String], endpoint: &str, log: PathBuf) -> Result<Round> {
+    let mut agent = Agent::start(agent::Spec { exe, pids, otlp_endpoint: endpoint, extra_args: user_args, log })?;
+    let cpu_before = agent.cpu_seconds()?;
     thread::sleep(IDLE);
     signals::check()?;
-    let idle_cpu_pct = (proc::cpu_seconds(agent.pid())? - cpu_before) / IDLE.as_secs_f64() * 100.0;
+    let idle_cpu_pct = (agent.cpu_seconds()? - cpu_before) / IDLE.as_secs_f64() * 100.0;
     let idle_rss_mib = proc::rss_mib(agent.pid())?;
-    let peak_rss_mib = proc::peak_rss_mib(agent.pid())?;
+    let peak_rss_mib = agent.peak_rss_mib()?;
     let stopping = Instant::now();
-    let clean_exit = agent.stop(STOP_GRACE);
+    let clean_exit = agent.stop_within(STOP_GRACE);
     let stop_s = stopping.elapsed().as_secs_f64();
+    let ready_s = agent.ready_after.as_secs_f64();
     Ok(Round { round: 0, mode: "", ready_s, idle_rss_mib, peak_rss_mib, idle_cpu_pct, stop_s, clean_exit })
-}
-
-/// Seconds from `launched` to the first 200 on /healthz.
-fn wait_ready(agent: &mut Guard, listen: SocketAddr, log: &Path, launched: Instant) -> Result<f64> {
-    loop {
-        if let Ok((200, _)) = http1::get(listen, "/healthz", Duration::from_secs(1)) {
-            return Ok(launched.elapsed().as_secs_f64());
-        }
-        agent.ensure_running(log)?;
-        signals::check()?;
-        if launched.elapsed() > READY_TIMEOUT {
-            bail!("the agent did not answer 200 on http://{listen}/healthz within {READY_TIMEOUT:?}; its log:\n{}", proc::tail(log, 30));
-        }
-        thread::sleep(POLL);
-    }
 }
 
 fn median(rounds: &[Round], mode: &str, value: impl Fn(&Round) -> f64) -> Option<f64> {

@@ -81,3 +81,12 @@ pub fn num(v: Option<f64>, decimals: usize) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.decimals$}"))
 }
 
+/// A latency in microseconds as wrk prints it: `812us`, `1.25ms`.
+pub fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2}ms", us / 1000.0)
+    } else {
+        format!("{us:.0}us")
+    }
+}
+

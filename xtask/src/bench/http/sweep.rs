@@ -14,7 +14,7 @@ use crate::{
         nginx::Nginx,
         proc::TempDir,
         rate::{self, RateLoad},
-        targets::{num, targets_markdown, Cmp, Target},
+        targets::{fmt_us, num, targets_markdown, Cmp, Target},
         wrk, Ctx, Report, Scenario,
     },
     util::find_cmd,
@@ -137,11 +137,7 @@ fn report(ctx: &Ctx, steps: &[Value]) -> Report {
 }
 
 fn us(v: Option<f64>) -> String {
-    match v {
-        Some(us) if us >= 1000.0 => format!("{:.2}ms", us / 1000.0),
-        Some(us) => format!("{us:.0}us"),
-        None => "n/a".into(),
-    }
+    v.map_or("n/a".into(), fmt_us)
 }
 
 fn targets(steps: &[Value]) -> Vec<Target> {
