@@ -336,16 +336,25 @@ impl OtlpReceiver {
     /// Waits until `predicate` holds for the spans received so far and returns
     /// them; panics with every span received (and any rejected request) on timeout.
     pub fn wait_for(&self, predicate: impl Fn(&[ReceivedSpan]) -> bool, timeout: Duration) -> Vec<ReceivedSpan> {
+        self.try_wait_for(predicate, timeout).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// As `wait_for`, but a timeout is returned (with what was received) for the caller to explain.
+    pub fn try_wait_for(
+        &self,
+        predicate: impl Fn(&[ReceivedSpan]) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<ReceivedSpan>, String> {
         let (lock, changed) = &*self.sink.inner;
         let deadline = Instant::now() + timeout;
         let mut collected = lock.lock().expect("span sink poisoned");
         loop {
             if predicate(&collected.spans) {
-                return collected.spans.clone();
+                return Ok(collected.spans.clone());
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!("{}", timeout_message(&collected, timeout));
+                return Err(timeout_message(&collected, timeout));
             }
             collected = changed.wait_timeout(collected, deadline - now).expect("span sink poisoned").0;
         }

@@ -344,7 +344,7 @@ fn fixture_http_front_reports_failed_calls() {
     assert_eq!(front.wait_received(1)[0].code, 502);
 }
 
-// ---- agent tests (draft: they need HTTP/2 parsing in the agent) ----
+// ---- agent tests ----
 
 /// The gRPC spans of `kind` of process `pid`, sorted by start: waits for `count`, then a little
 /// longer, so that callers can assert there are exactly `count`.
@@ -400,10 +400,27 @@ fn traced_calls(
     let agent = Agent::start(&pid_args(&[client_pid, server.pid()]), Some(&receiver));
     let results = paused.results();
     assert_eq!(results.len(), calls.len(), "{results:?}");
+    let both_sides = |spans: &[ReceivedSpan]| {
+        let of = |pid, kind| spans.iter().filter(|s| s.kind == kind && s.pid() == Some(pid)).count() >= calls.len();
+        of(client_pid, SpanKind::Client) && of(server.pid(), SpanKind::Server)
+    };
+    // Megabytes of messages go through the ring buffer: on a slow host give it time, and if
+    // spans are missing say what the agent lost on the way.
+    if let Err(timeout) = receiver.try_wait_for(both_sides, SPAN_TIMEOUT * 3) {
+        panic!("{timeout}
+agent losses:
+{}", losses(&agent.metrics()));
+    }
     let client_spans = exactly_rpc_spans(&receiver, client_pid, SpanKind::Client, calls.len());
     let server_spans = exactly_rpc_spans(&receiver, server.pid(), SpanKind::Server, calls.len());
     drop(agent);
     (client_spans, server_spans)
+}
+
+/// The agent's counters of data lost or misread, as /metrics gives them.
+fn losses(metrics: &str) -> String {
+    let lossy = ["lost", "desync", "dropped", "failed", "errors", "truncated", "untracked"];
+    metrics.lines().filter(|l| !l.starts_with('#') && lossy.iter().any(|w| l.contains(w))).collect::<Vec<_>>().join("\n")
 }
 
 /// Unary and each streaming kind: exactly one span per call in each process.

@@ -164,6 +164,8 @@ pub mod buffer {
     pub const NONE: u8 = 3;
     /// connect(): no data; the exit program tracks the socket.
     pub const CONNECT: u8 = 4;
+    /// No call in flight: the thread's last call returned. Its entry is kept for the next call.
+    pub const IDLE: u8 = 5;
 }
 
 /// `IN_FLIGHT` value: a syscall's arguments from entry to exit, by pid_tgid. The agent also writes

@@ -224,7 +224,10 @@ pub struct ThreadContext {
     /// The SERVER span's id: the parent of the thread's CLIENT spans.
     pub span_id: [u8; 8],
     pub flags: u8,
-    pub _pad: [u8; 7],
+    /// 1 while the thread serves the request; 0 once it answered (the entry is kept for its next
+    /// request: updating in place costs less than an LRU insert and delete per request).
+    pub serving: u8,
+    pub _pad: [u8; 6],
 }
 
 /// A traced process closed a tracked connection.

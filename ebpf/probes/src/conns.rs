@@ -10,7 +10,7 @@ use zerotel_abi::{
     KernelOffsets,
 };
 
-use crate::maps::{count, is_traced_syscall, offsets, CONNS, CONN_SEQ, EVENTS, IN_FLIGHT};
+use crate::maps::{count, enter_call, exit_call, is_traced_syscall, offsets, wakeup_flags, CONNS, CONN_SEQ, EVENTS};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -110,6 +110,7 @@ fn track(fd: u32, conn_role: u8) -> Result<(), i32> {
     let state =
         ConnState { conn_id: next_conn_id(), role: conn_role, protocol: protocol::UNKNOWN, socket_key, ..Default::default() };
     CONNS.insert(conn_key(tgid, fd), state, 0)?;
+    let flags = wakeup_flags(core::mem::size_of::<ConnOpenEvent>());
     let Some(mut entry) = EVENTS.reserve::<ConnOpenEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);
         return Ok(());
@@ -123,7 +124,7 @@ fn track(fd: u32, conn_role: u8) -> Result<(), i32> {
         local,
         remote,
     });
-    entry.submit(0);
+    entry.submit(flags);
     count(zerotel_abi::counters::TRAFFIC_EVENTS);
     Ok(())
 }
@@ -176,8 +177,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     }
     // SAFETY: offset from the tracepoint format.
     let fd: u64 = unsafe { ctx.read_at(ENTER_ARG0) }?;
-    let call = InFlight { buf: 0, start_ns: 0, fd: fd as u32, direction: 0, buffer: buffer::CONNECT, _pad: [0; 2] };
-    IN_FLIGHT.insert(pid_tgid, call, 0)
+    enter_call(pid_tgid, InFlight { buf: 0, start_ns: 0, fd: fd as u32, direction: 0, buffer: buffer::CONNECT, _pad: [0; 2] })
 }
 
 /// syscalls/sys_exit_connect: 0, or -EINPROGRESS for a non-blocking socket (ports are bound by then).
@@ -190,9 +190,7 @@ pub fn zt_exit_connect(ctx: TracePointContext) -> u32 {
 
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: plain-old-data value, copied out before removal.
-    let call = unsafe { IN_FLIGHT.get(pid_tgid) }.copied().ok_or(0i32)?;
-    IN_FLIGHT.remove(pid_tgid)?;
+    let call = exit_call(pid_tgid).ok_or(0i32)?;
     if call.buffer != buffer::CONNECT {
         return Ok(());
     }
@@ -226,12 +224,13 @@ fn try_enter_close(ctx: &TracePointContext) -> Result<(), i32> {
     CONNS.remove(key)?;
     // Its HTTP/2 streams end with it.
     crate::context::requests_done(tgid, state.h2_server.open);
+    let flags = wakeup_flags(core::mem::size_of::<ConnCloseEvent>());
     let Some(mut entry) = EVENTS.reserve::<ConnCloseEvent>(0) else {
         count(zerotel_abi::counters::EVENTS_LOST);
         return Ok(());
     };
     entry.write(ConnCloseEvent { header: header(kind::CONN_CLOSE, pid_tgid), conn_id: state.conn_id, fd: fd as u32, _pad: 0 });
-    entry.submit(0);
+    entry.submit(flags);
     count(zerotel_abi::counters::TRAFFIC_EVENTS);
     Ok(())
 }

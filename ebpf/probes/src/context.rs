@@ -26,11 +26,17 @@ pub fn server_request(pid_tgid: u64, head: &[u8; MAX_CAPTURE], len: usize, optio
     let continued = parse_traceparent(head, len, ids) || (option_key != 0 && tcp_option::received(option_key, ids));
     server_ids(ids, continued);
     let context = thread_context(ids);
-    // SAFETY: only compared against None.
-    let was_serving = unsafe { THREAD_CONTEXT.get(&pid_tgid) }.is_some();
-    if THREAD_CONTEXT.insert(pid_tgid, context, 0).is_ok() {
-        process_serves((pid_tgid >> 32) as u32, context, !was_serving);
-    }
+    let was_serving = match THREAD_CONTEXT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a live map value of this thread, which is the only one to write it.
+        Some(entry) => unsafe {
+            let was_serving = (*entry).serving != 0;
+            entry.write(context);
+            was_serving
+        },
+        None if THREAD_CONTEXT.insert(&pid_tgid, &context, 0).is_ok() => false,
+        None => return,
+    };
+    process_serves((pid_tgid >> 32) as u32, context, !was_serving);
 }
 
 /// Complete a SERVER span's `ids`: a child of the caller when `continued` (trace id, parent and
@@ -50,7 +56,7 @@ pub fn server_ids(ids: &mut SpanIds, continued: bool) {
 
 #[inline(always)]
 fn thread_context(ids: &SpanIds) -> ThreadContext {
-    ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, _pad: [0; 7] }
+    ThreadContext { trace_id: ids.trace_id, span_id: ids.span_id, flags: ids.flags, serving: 1, _pad: [0; 6] }
 }
 
 /// A traced process started serving the HTTP/2 request with these SERVER span ids (no thread
@@ -114,7 +120,10 @@ pub fn client_request(pid_tgid: u64, ids: &mut SpanIds) {
     ids.span_id = random_span_id();
     ids.valid = 1;
     // SAFETY: a live map value, read field by field.
-    match unsafe { THREAD_CONTEXT.get(&pid_tgid) }.or_else(|| only_request_of((pid_tgid >> 32) as u32)) {
+    match unsafe { THREAD_CONTEXT.get(&pid_tgid) }
+        .filter(|served| served.serving != 0)
+        .or_else(|| only_request_of((pid_tgid >> 32) as u32))
+    {
         Some(serving) => {
             ids.trace_id = serving.trace_id;
             ids.parent_id = serving.span_id;
@@ -152,9 +161,19 @@ fn only_request_of(tgid: u32) -> Option<&'static ThreadContext> {
 /// The thread answered its request (or ended): what it sends next is no longer part of that trace.
 #[inline(always)]
 pub fn server_responded(pid_tgid: u64) {
-    if THREAD_CONTEXT.remove(&pid_tgid).is_ok() {
+    let Some(entry) = THREAD_CONTEXT.get_ptr_mut(&pid_tgid) else { return };
+    // SAFETY: a live map value of this thread, which is the only one to write it.
+    let was_serving = unsafe { core::mem::replace(&mut (*entry).serving, 0) != 0 };
+    if was_serving {
         requests_done((pid_tgid >> 32) as u32, 1);
     }
+}
+
+/// The thread ended: what it served ended with it, and its entry goes.
+#[inline(always)]
+pub fn thread_ended(pid_tgid: u64) {
+    server_responded(pid_tgid);
+    let _ = THREAD_CONTEXT.remove(&pid_tgid);
 }
 
 /// Find `\ntraceparent:` (any case) in the head and parse a version-00 value into `ids`.

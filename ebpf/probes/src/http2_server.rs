@@ -26,7 +26,7 @@ use zerotel_abi::{
 use crate::{
     conns::header,
     context,
-    maps::{count, H2StreamKey, CONNS, EVENTS, H2_FRAMES, H2_SERVER_STREAMS, STREAM_SCRATCH},
+    maps::{count, wakeup_flags, H2StreamKey, CONNS, EVENTS, H2_FRAMES, H2_SERVER_STREAMS, STREAM_SCRATCH},
 };
 
 const FRAME_HEADER: u64 = 9;
@@ -236,7 +236,7 @@ fn open_stream(walk: &mut Walk, frame: &Frame, payload_at: u64, data: &[u8; BUFF
     walk.event.header = header(kind::H2_SERVED, walk.pid_tgid);
     walk.event.conn_id = walk.conn_id;
     walk.event.stream_id = frame.stream;
-    match EVENTS.output::<H2StreamIdsEvent>(&walk.event, 0) {
+    match EVENTS.output::<H2StreamIdsEvent>(&walk.event, wakeup_flags(core::mem::size_of::<H2StreamIdsEvent>())) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
         Err(_) => count(counters::EVENTS_LOST),
     }

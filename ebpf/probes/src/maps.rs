@@ -1,17 +1,36 @@
 //! Every map and global the programs share. All are bounded (see `zerotel_abi::limits`).
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_get_current_cgroup_id,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use zerotel_abi::{
-    limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, ThreadContext,
+    buffer, limits, ConnState, InFlight, KernelOffsets, PgMessageEvent, Sampler, SpanIds, ThreadContext,
 };
 
 /// Events for the agent.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+
+/// Wake the agent when this much is queued; it also drains on a short timer.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// Ring buffer flags for a record of `bytes` about to be queued: wake the agent when the record
+/// takes what is queued past `WAKEUP_BYTES`, once per crossing. Waking it at every record while it
+/// catches up costs an inter-processor interrupt each (a VM exit under virtualization), more than
+/// the rest of the program.
+#[inline(always)]
+pub fn wakeup_flags(bytes: usize) -> u64 {
+    let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    // Each record also takes an 8-byte ring buffer header.
+    if queued < WAKEUP_BYTES && queued + bytes as u64 + 8 >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
 
 /// Processes (tgid) to trace, with the cgroup v2 id they run in (recorded by their first traced
 /// syscall). The agent fills it, fork inherits it, exec in another cgroup drops it.
@@ -25,13 +44,13 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map]
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(limits::CONNS, BPF_F_NO_COMMON_LRU);
 
-/// Arguments of data/connect syscalls in flight, by pid_tgid, from entry to exit.
+/// Arguments of data/connect syscalls in flight, by pid_tgid, from entry to exit (see `enter_call`).
 #[map]
 pub static IN_FLIGHT: LruHashMap<u64, InFlight> =
     LruHashMap::with_max_entries(limits::IN_FLIGHT_SYSCALLS, BPF_F_NO_COMMON_LRU);
 
-/// The request each traced thread is serving (`context`). LRU: a thread killed mid-request
-/// cannot leak an entry; sched_process_exit also removes it.
+/// The request each traced thread is serving (`context`; kept, not `serving`, between requests).
+/// LRU: a thread killed mid-request cannot leak an entry; sched_process_exit also removes it.
 #[map]
 pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
     LruHashMap::with_max_entries(limits::THREAD_CONTEXTS, BPF_F_NO_COMMON_LRU);
@@ -41,7 +60,7 @@ pub static THREAD_CONTEXT: LruHashMap<u64, ThreadContext> =
 /// libraries with their own I/O threads, thread pools, HTTP/2 servers) is that request's child.
 #[repr(C)]
 pub struct ProcessServing {
-    /// Threads with a THREAD_CONTEXT entry plus open HTTP/2 server streams; updated atomically,
+    /// Threads serving a THREAD_CONTEXT request plus open HTTP/2 server streams; updated atomically,
     /// never trusted beyond "is it 1".
     pub requests: u64,
     /// 1 while `context` has been the only request since it started.
@@ -246,4 +265,40 @@ pub fn is_traced_syscall(tgid: u32) -> bool {
         }
     }
     true
+}
+
+/// Record the syscall the thread `pid_tgid` entered. Its entry is reused in place: an LRU insert
+/// takes a fresh element (and a delete gives it back) at every call, which costs more than the
+/// rest of the entry program. A thread that exits leaves its entry to the LRU.
+#[inline(always)]
+pub fn enter_call(pid_tgid: u64, call: InFlight) -> Result<(), i32> {
+    match IN_FLIGHT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a live map value of this thread, which is in this very syscall.
+        Some(entry) => unsafe { entry.write(call) },
+        None => IN_FLIGHT.insert(&pid_tgid, &call, 0).map_err(|e| e as i32)?,
+    }
+    Ok(())
+}
+
+/// The call the thread `pid_tgid` is in, recorded by its entry program (`None` when idle).
+#[inline(always)]
+pub fn call_in_flight(pid_tgid: u64) -> Option<InFlight> {
+    // SAFETY: plain-old-data value, copied out.
+    let call = unsafe { *IN_FLIGHT.get_ptr(&pid_tgid)? };
+    (call.buffer != buffer::IDLE).then_some(call)
+}
+
+/// The call the thread `pid_tgid` is leaving, if its entry was recorded; the entry turns idle.
+#[inline(always)]
+pub fn exit_call(pid_tgid: u64) -> Option<InFlight> {
+    let entry = IN_FLIGHT.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: a live map value of this thread, which is leaving this very syscall.
+    unsafe {
+        let call = *entry;
+        if call.buffer == buffer::IDLE {
+            return None;
+        }
+        (*entry).buffer = buffer::IDLE;
+        Some(call)
+    }
 }

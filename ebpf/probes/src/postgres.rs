@@ -11,7 +11,7 @@ use zerotel_abi::{
     PG_UNTYPED,
 };
 
-use crate::maps::{count, EVENTS, PG_SCRATCH, PG_WALK};
+use crate::maps::{count, wakeup_flags, EVENTS, PG_SCRATCH, PG_WALK};
 
 /// `pg_startup` bits: the frontend's next message is untyped (StartupMessage, SSLRequest...).
 pub const STARTUP_UNTYPED: u8 = 1;
@@ -270,7 +270,7 @@ fn emit(record: &Record, msg_type: u8, len: u32, bulk_before: u32, body: u64, bo
     let total = PgMessageEvent::HEAD_SIZE + (event.head.captured as usize).min(PG_BODY);
     // SAFETY: `total` <= size_of::<PgMessageEvent>(); the slice is the scratch value's bytes.
     let bytes = unsafe { core::slice::from_raw_parts((event as *const PgMessageEvent).cast::<u8>(), total) };
-    match EVENTS.output::<[u8]>(bytes, 0) {
+    match EVENTS.output::<[u8]>(bytes, wakeup_flags(total)) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
         Err(_) => count(counters::EVENTS_LOST),
     }

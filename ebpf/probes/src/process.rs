@@ -71,7 +71,7 @@ pub fn zt_sched_exec(ctx: TracePointContext) -> u32 {
 pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    crate::context::server_responded(pid_tgid);
+    crate::context::thread_ended(pid_tgid);
     if tid != tgid {
         let _ = TRACED_PIDS.remove(tid);
     }

@@ -20,7 +20,7 @@ use zerotel_abi::{buffer, conn_key, direction, protocol, role, ConnState, SpanId
 
 use crate::{
     context, propagation_h2, tcp_option,
-    maps::{is_traced, CONNECTING, CONNS, INJECTED, INJECT_SOCKS, IN_FLIGHT, PROPAGATE, SCRATCH},
+    maps::{call_in_flight, is_traced, CONNECTING, CONNS, INJECTED, INJECT_SOCKS, PROPAGATE, SCRATCH},
 };
 
 const TCP_CONNECT_CB: u32 = 3;
@@ -104,8 +104,7 @@ pub fn zt_sk_msg(ctx: SkMsgContext) -> u32 {
 /// The client connection of the send in progress (recorded by the syscall's entry program).
 #[inline(always)]
 fn sending_client(pid_tgid: u64) -> Option<*mut ConnState> {
-    // SAFETY: plain-old-data values, only read.
-    let call = unsafe { IN_FLIGHT.get(&pid_tgid) }?;
+    let call = call_in_flight(pid_tgid)?;
     if call.direction != direction::EGRESS || call.buffer == buffer::NONE {
         return None;
     }

@@ -23,7 +23,7 @@ use zerotel_abi::{counters, h2_out, kind, ConnState, H2StreamIdsEvent, H2Outgoin
 use crate::{
     context,
     conns::header,
-    maps::{count, EVENTS, H2_BLOCK, H2_WALK},
+    maps::{count, wakeup_flags, EVENTS, H2_BLOCK, H2_WALK},
 };
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -393,7 +393,7 @@ fn pull(ctx: &SkMsgContext, start: u32, end: u32) -> bool {
 fn report(pid_tgid: u64, conn_id: u64, stream_id: u32, ids: SpanIds) {
     let event =
         H2StreamIdsEvent { header: header(kind::H2_INJECTED, pid_tgid), conn_id, stream_id, _pad: 0, ids };
-    match EVENTS.output::<H2StreamIdsEvent>(&event, 0) {
+    match EVENTS.output::<H2StreamIdsEvent>(&event, wakeup_flags(core::mem::size_of::<H2StreamIdsEvent>())) {
         Ok(()) => count(counters::TRAFFIC_EVENTS),
         Err(_) => count(counters::EVENTS_LOST),
     }

@@ -6,15 +6,12 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
-    helpers::generated::{bpf_loop, bpf_probe_read_user},
-};
+use aya_ebpf::helpers::generated::{bpf_loop, bpf_probe_read_user};
 use zerotel_abi::{buffer, counters, kind, protocol, role, ConnState, EventHeader, InFlight, StreamChunkHead, STREAM_CHUNK_BYTES, STREAM_SYSCALL_CAP};
 
 use crate::{
     http2_server, propagation,
-    maps::{count, EVENTS, STREAM_SCRATCH, STREAM_WALK},
+    maps::{count, wakeup_flags, EVENTS, STREAM_SCRATCH, STREAM_WALK},
 };
 
 /// Loop iterations per syscall: one per iovec piece. Sends hold at most 1024 iovecs (UIO_MAXIOV)
@@ -51,10 +48,9 @@ pub struct Walk {
     h2_server: u64,
 }
 
-/// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`); the last
-/// record goes with `wakeup` flags, the others never wake the agent.
+/// Send the bytes `call` moved (`len` of them, the first at stream offset `offset`).
 #[inline(always)]
-pub fn capture(call: &InFlight, key: u64, conn: &ConnState, len: u64, offset: u64, header: EventHeader, wakeup: u64) {
+pub fn capture(call: &InFlight, key: u64, conn: &ConnState, len: u64, offset: u64, header: EventHeader) {
     let Some(walk) = STREAM_WALK.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU value no one else uses while this program runs.
     let walk = unsafe { &mut *walk };
@@ -97,7 +93,7 @@ pub fn capture(call: &InFlight, key: u64, conn: &ConnState, len: u64, offset: u6
         bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0);
     }
     if walk.fill > 0 {
-        flush(walk, wakeup);
+        flush(walk);
     }
 }
 
@@ -121,7 +117,7 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     walk.base += size;
     walk.left -= size;
     walk.remaining -= size;
-    if walk.fill >= CHUNK && !flush(walk, BPF_RB_NO_WAKEUP as u64) {
+    if walk.fill >= CHUNK && !flush(walk) {
         return 1;
     }
     0
@@ -165,7 +161,7 @@ fn copy(walk: &mut Walk, size: u64) -> bool {
 
 /// Send the chunk and start the next one where it ends.
 #[inline(always)]
-fn flush(walk: &mut Walk, flags: u64) -> bool {
+fn flush(walk: &mut Walk) -> bool {
     let Some(scratch) = STREAM_SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: a per-CPU scratch value no one else uses while this program runs.
     let scratch = unsafe { &mut *scratch };
@@ -180,7 +176,7 @@ fn flush(walk: &mut Walk, flags: u64) -> bool {
     let total = core::mem::size_of::<StreamChunkHead>() + size as usize;
     // SAFETY: `total` <= size_of::<Scratch>(); the slice is the scratch value's bytes.
     let bytes = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), total) };
-    match EVENTS.output::<[u8]>(bytes, flags) {
+    match EVENTS.output::<[u8]>(bytes, wakeup_flags(total)) {
         Ok(()) => {
             count(counters::TRAFFIC_EVENTS);
             true

@@ -1,8 +1,9 @@
 //! Data syscalls on tracked connections. Entry records the arguments, exit (which knows the byte
 //! count) emits the event. Non-HTTP connections are classified once and then cost one map lookup.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_AVAIL_DATA},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
@@ -20,12 +21,8 @@ use crate::{
     context,
     conns::{header, ENTER_ARG0, EXIT_RET},
     kafka, postgres, stream, tls, upgrade,
-    maps::{count, is_traced_syscall, CONNS, EVENTS, IN_FLIGHT},
+    maps::{count, enter_call, exit_call, is_traced_syscall, wakeup_flags, CONNS, EVENTS},
 };
-
-/// Wake the agent only once this much is queued; it also drains on a short timer. Batching wake-ups
-/// is what keeps the agent cheap at high request rates.
-const WAKEUP_BYTES: u64 = 64 * 1024;
 
 const ARG1: usize = ENTER_ARG0 + 8;
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
@@ -50,8 +47,7 @@ fn enter(fd: u32, buf: u64, dir: u8, buffer: u8) -> Result<(), i32> {
     }
     // SAFETY: helper without arguments.
     let start_ns = unsafe { bpf_ktime_get_ns() };
-    let call = InFlight { buf, start_ns, fd, direction: dir, buffer, _pad: [0; 2] };
-    IN_FLIGHT.insert(pid_tgid, call, 0)
+    enter_call(pid_tgid, InFlight { buf, start_ns, fd, direction: dir, buffer, _pad: [0; 2] })
 }
 
 #[inline(always)]
@@ -127,9 +123,7 @@ pub fn zt_exit_data(ctx: TracePointContext) -> u32 {
 
 fn try_exit_data(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: plain-old-data value, copied out before removal.
-    let call = unsafe { IN_FLIGHT.get(pid_tgid) }.copied().ok_or(0i32)?;
-    IN_FLIGHT.remove(pid_tgid)?;
+    let call = exit_call(pid_tgid).ok_or(0i32)?;
     // SAFETY: offset from the sys_exit_* format.
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }?;
     if ret <= 0 || call.buffer == buffer::CONNECT {
@@ -176,7 +170,7 @@ pub fn on_bytes(pid_tgid: u64, call: &InFlight, key: u64, conn: &mut ConnState, 
         return;
     }
     if conn.protocol == protocol::KAFKA || conn.protocol == protocol::HTTP2 {
-        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid));
         return;
     }
     if conn.protocol != protocol::HTTP1 {
@@ -192,7 +186,7 @@ pub fn on_bytes(pid_tgid: u64, call: &InFlight, key: u64, conn: &mut ConnState, 
         if conn.role == role::SERVER {
             context::server_responded(pid_tgid);
         }
-        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid), wakeup_flags());
+        stream::capture(call, key, conn, len, seq, header(kind::STREAM_CHUNK, pid_tgid));
         return;
     }
     let capture = avail > 0 && (is_http_start(&prefix) || conn.capture_next[dir] != 0);
@@ -337,20 +331,12 @@ fn meta_pid_tgid(meta: &DataMeta) -> u64 {
 }
 
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
-}
-
-#[inline(always)]
 fn emit_meta(meta: DataMeta) {
+    let flags = wakeup_flags(size_of::<DataMeta>());
     match EVENTS.reserve::<DataMeta>(0) {
         Some(mut entry) => {
             entry.write(meta);
-            entry.submit(wakeup_flags());
+            entry.submit(flags);
             count(counters::TRAFFIC_EVENTS);
         }
         None => count(counters::EVENTS_LOST),
@@ -359,6 +345,7 @@ fn emit_meta(meta: DataMeta) {
 
 #[inline(always)]
 fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment, option_key: u64) {
+    let flags = wakeup_flags(size_of::<DataEvent>());
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
         count(counters::EVENTS_LOST);
         return;
@@ -393,6 +380,6 @@ fn emit_with_payload(mut meta: DataMeta, data: u64, avail: u64, moment: Moment, 
     }
     // SAFETY: as above.
     unsafe { core::ptr::addr_of_mut!((*event).meta).write(meta) };
-    entry.submit(wakeup_flags());
+    entry.submit(flags);
     count(counters::TRAFFIC_EVENTS);
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask bench [NAME...]`: traced-vs-untraced benchmarks against real peers.
-//! A scenario is a `Scenario` in `scenarios()`; each writes target/bench/NAME.{md,json}.
+//! A scenario is a `Scenario` in `scenarios()`; each writes target/bench/NAME.{md,json}, and every
+//! run rewrites target/bench/summary.{md,json}, the targets of the latest report of each.
 
 mod agent;
 mod bpf_stats;
@@ -15,6 +16,7 @@ mod rate;
 mod sdk;
 mod sink;
 mod startup;
+mod summary;
 mod targets;
 mod wrk;
 
@@ -148,7 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("bench {} failed", scenario.name()))?;
         write_report(&out_dir, &scenario.output_name(&args), &machine, report)?;
     }
-    Ok(())
+    summary::write(&out_dir)
 }
 
 fn select(names: &[String]) -> Result<Vec<Box<dyn Scenario>>> {
