@@ -70,8 +70,10 @@ pub async fn run(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &tx, &telemetry).await;
+                // Cleared before draining, not after: the kernel wakes the reader once per
+                // crossing of its threshold, so a wake-up that came during the drain must stay.
                 guard.clear_ready();
+                drain(guard.get_inner_mut(), &tx, &telemetry).await;
             }
             _ = tick.tick() => drain(ring.get_mut(), &tx, &telemetry).await,
             _ = stop.changed() => break,

@@ -10,7 +10,7 @@ use std::{ffi::CString, path::Path};
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SkSkb, SockOps, TracePoint},
+    programs::{CgroupAttachMode, Program, ProgramError, SkMsg, SkSkb, SockOps, TracePoint},
     Ebpf, EbpfLoader,
 };
 use zerotel_abi::{names, ConnState, InFlight, Sampler};
@@ -173,6 +173,7 @@ impl Probes {
                 }
                 other => ProbeError::Load(other),
             })?;
+        verify_in_parallel(&mut ebpf, propagate);
         attach_all(&mut ebpf)?;
         let propagation_error = if propagate { attach_propagation(&mut ebpf, propagation).err() } else { None };
         let tls = tls::TlsProbes::load(&mut ebpf)
@@ -217,6 +218,53 @@ impl Drop for Probes {
     }
 }
 
+/// The programs the verifier takes longest over (0.2 to 0.5 s each here), started first so that
+/// no CPU is left with one of them at the end.
+const SLOWEST_TO_VERIFY: [&str; 3] = ["zt_ssl_return", "zt_sk_msg", "zt_exit_data"];
+const PROPAGATION_PROGRAMS: [&str; 3] = ["zt_skb_verdict", "zt_sk_msg", "zt_sock_ops"];
+
+/// Load (verify) the programs on every CPU at once: verification is most of the start-up time,
+/// and programs verify independently. An error here is ignored: the load that follows, in
+/// order, retries and reports it where it matters (a propagation program failing only turns
+/// propagation off).
+fn verify_in_parallel(ebpf: &mut Ebpf, propagate: bool) {
+    let mut queue: Vec<(&str, &mut Program)> =
+        ebpf.programs_mut().filter(|(name, _)| propagate || !PROPAGATION_PROGRAMS.contains(name)).collect();
+    // Popped from the end: the slowest go last in the vector.
+    queue.sort_by_key(|(name, _)| SLOWEST_TO_VERIFY.iter().rev().position(|slow| slow == name).map_or(0, |at| at + 1));
+    let queue = std::sync::Mutex::new(queue);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                // The guard goes before the load: the loads are what runs in parallel.
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let Some((_, program)) = next else { break };
+                let _ = load(program);
+            });
+        }
+    });
+}
+
+fn load(program: &mut Program) -> Result<(), ProgramError> {
+    match program {
+        Program::TracePoint(p) => p.load(),
+        Program::UProbe(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::SkSkb(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+/// A load's result, where "already loaded" (by `verify_in_parallel`) is success.
+fn load_once(result: Result<(), ProgramError>) -> Result<(), ProgramError> {
+    match result {
+        Err(ProgramError::AlreadyLoaded) => Ok(()),
+        other => other,
+    }
+}
+
 fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let mut loaded: Vec<&str> = Vec::new();
     for &(program, category, name) in HOOKS {
@@ -227,7 +275,7 @@ fn attach_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
             .try_into()
             .map_err(err)?;
         if !loaded.contains(&program) {
-            tp.load().map_err(err)?;
+            load_once(tp.load()).map_err(err)?;
             loaded.push(program);
         }
         tp.attach(category, name).map_err(err)?;
@@ -258,7 +306,7 @@ fn attach_propagation(ebpf: &mut Ebpf, mode: Propagation) -> Result<(), ProbeErr
     // Before the self-test: the verdict program is what keeps FIONREAD right on kernels that
     // answer it from the sockmap's queue.
     let verdict: &mut SkSkb = program(ebpf, "zt_skb_verdict")?.try_into().map_err(err("zt_skb_verdict", "sockhash"))?;
-    verdict.load().map_err(err("zt_skb_verdict", "sockhash"))?;
+    load_once(verdict.load()).map_err(err("zt_skb_verdict", "sockhash"))?;
     verdict.attach(&socks_fd).map_err(err("zt_skb_verdict", "sockhash"))?;
     let mut socks = inject_socks(ebpf)?;
     match fionread_survives(&mut socks) {
@@ -268,12 +316,12 @@ fn attach_propagation(ebpf: &mut Ebpf, mode: Propagation) -> Result<(), ProbeErr
         Err(e) => return Err(ProbeError::Cgroup { path: "FIONREAD self-test".into(), source: e }),
     }
     let sk_msg: &mut SkMsg = program(ebpf, "zt_sk_msg")?.try_into().map_err(err("zt_sk_msg", "sockhash"))?;
-    sk_msg.load().map_err(err("zt_sk_msg", "sockhash"))?;
+    load_once(sk_msg.load()).map_err(err("zt_sk_msg", "sockhash"))?;
     sk_msg.attach(&socks_fd).map_err(err("zt_sk_msg", "sockhash"))?;
     let root = cgroup2_root()?;
     let cgroup = std::fs::File::open(&root).map_err(|source| ProbeError::Cgroup { path: root.clone(), source })?;
     let sock_ops: &mut SockOps = program(ebpf, "zt_sock_ops")?.try_into().map_err(err("zt_sock_ops", &root))?;
-    sock_ops.load().map_err(err("zt_sock_ops", &root))?;
+    load_once(sock_ops.load()).map_err(err("zt_sock_ops", &root))?;
     // Attached as a bpf_link, which coexists with other programs on the cgroup (links take no
     // ALLOW_MULTI flag: the kernel rejects it) and goes away with the agent.
     sock_ops.attach(cgroup, CgroupAttachMode::Single).map_err(err("zt_sock_ops", &root))?;

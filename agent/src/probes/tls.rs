@@ -83,7 +83,7 @@ impl TlsProbes {
     /// Load the uprobe programs (attached later, per object).
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         for name in FUNCTIONS.iter().map(|(name, _)| *name).chain([RETURN]) {
-            uprobe(ebpf, name)?.load().map_err(|source| ProbeError::Program { program: name, tracepoint: "uprobe".into(), source })?;
+            super::load_once(uprobe(ebpf, name)?.load()).map_err(|source| ProbeError::Program { program: name, tracepoint: "uprobe".into(), source })?;
         }
         Ok(Self::default())
     }
