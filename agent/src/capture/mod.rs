@@ -17,7 +17,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Events handed on at once.
 const BATCH: usize = 256;
 /// Payload bytes handed on at once: with the queue's bound, what caps the memory events take
-/// between capture and assembly (Kafka chunks are up to 16 KiB each).
+/// between capture and assembly (stream chunks are up to 8 KiB each).
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// A decoded event that owns its payload.

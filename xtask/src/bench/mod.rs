@@ -138,7 +138,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     signals::install();
     let out_dir = cargo_cmd::target_dir()?.join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let machine = Machine::collect();
+    let machine = Machine::collect(args.agent_bin.as_deref());
     let ctx = Ctx {
         args: &args,
         agent: agent.as_deref(),
@@ -222,12 +222,15 @@ struct Machine {
     kernel: String,
     nginx: String,
     wrk: String,
+    /// The source tree's revision: the agent's, unless `agent_bin` says which binary ran.
     agent_rev: String,
+    /// `--agent-bin`, when the agent measured was not built from this tree.
+    agent_bin: Option<String>,
     unix_time: u64,
 }
 
 impl Machine {
-    fn collect() -> Self {
+    fn collect(agent_bin: Option<&Path>) -> Self {
         let wrk = util::find_cmd("wrk")
             .map(|w| wrk::version(&w))
             .unwrap_or_else(|| "missing".into());
@@ -239,6 +242,7 @@ impl Machine {
             nginx: nginx::version(),
             wrk,
             agent_rev: git_rev(),
+            agent_bin: agent_bin.map(|path| path.display().to_string()),
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -246,9 +250,13 @@ impl Machine {
     }
 
     fn markdown(&self) -> String {
+        let agent = match &self.agent_bin {
+            Some(path) => format!("agent {path} (tree {})", self.agent_rev),
+            None => format!("zerotel {}", self.agent_rev),
+        };
         format!(
-            "Machine: {} CPUs, Linux {}, {}, {}, zerotel {}\n",
-            self.nproc, self.kernel, self.nginx, self.wrk, self.agent_rev
+            "Machine: {} CPUs, Linux {}, {}, {}, {agent}\n",
+            self.nproc, self.kernel, self.nginx, self.wrk
         )
     }
 }

@@ -49,7 +49,12 @@ pub fn write(dir: &Path) -> Result<()> {
 }
 
 fn rows(scenario: &str, report: &Value) -> Vec<Row> {
-    let agent_rev = report["machine"]["agent_rev"].as_str().unwrap_or("unknown").to_string();
+    let machine = &report["machine"];
+    let rev = machine["agent_rev"].as_str().unwrap_or("unknown");
+    let agent_rev = match machine["agent_bin"].as_str() {
+        Some(path) => format!("{path} (tree {rev})"),
+        None => rev.to_string(),
+    };
     let Some(targets) = report["targets"].as_array() else { return Vec::new() };
     targets
         .iter()
@@ -121,6 +126,15 @@ mod tests {
         assert!(table.contains("| http | lost events | 0.000 | == 0 | met | abc1234 |"), "{table}");
         assert!(table.contains("| kernel ns/request | n/a | <= 500 | n/a |"), "{table}");
         assert!(table.ends_with("1 of 3 targets met.\n"), "{table}");
+    }
+
+    #[test]
+    fn a_report_of_another_binary_names_it() {
+        let report = serde_json::json!({
+            "machine": { "agent_rev": "abc1234", "agent_bin": "/tmp/zt-old" },
+            "targets": [{ "what": "x", "value": 1.0, "cmp": "<=", "limit": 2.0, "met": true }]
+        });
+        assert_eq!(rows("http", &report)[0].agent_rev, "/tmp/zt-old (tree abc1234)");
     }
 
     #[test]
