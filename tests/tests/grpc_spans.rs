@@ -407,9 +407,7 @@ fn traced_calls(
     // Megabytes of messages go through the ring buffer: on a slow host give it time, and if
     // spans are missing say what the agent lost on the way.
     if let Err(timeout) = receiver.try_wait_for(both_sides, SPAN_TIMEOUT * 3) {
-        panic!("{timeout}
-agent losses:
-{}", losses(&agent.metrics()));
+        panic!("{timeout}\nagent losses:\n{}", losses(&agent.metrics()));
     }
     let client_spans = exactly_rpc_spans(&receiver, client_pid, SpanKind::Client, calls.len());
     let server_spans = exactly_rpc_spans(&receiver, server.pid(), SpanKind::Server, calls.len());
