@@ -81,7 +81,6 @@ impl Agent {
 
     /// How long after `spawned` /healthz first answered 200.
     fn wait_healthy(&mut self, spawned: Instant) -> Result<Duration> {
-        let started = Instant::now();
         loop {
             if let Ok((200, _)) = http1::get(self.listen, "/healthz", HTTP_TIMEOUT) {
                 let ready_after = spawned.elapsed();
@@ -90,7 +89,7 @@ impl Agent {
             }
             self.guard.ensure_running(&self.log)?;
             signals::check()?;
-            if started.elapsed() > HEALTH_TIMEOUT {
+            if spawned.elapsed() > HEALTH_TIMEOUT {
                 bail!(
                     "the agent did not answer 200 on http://{}/healthz within {HEALTH_TIMEOUT:?}; its log {}:\n{}",
                     self.listen,
