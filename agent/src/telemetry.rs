@@ -9,6 +9,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use aya::maps::{MapData, PerCpuArray};
@@ -32,6 +33,43 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Latency buckets, in seconds: an OTLP request takes milliseconds on a healthy network and
+/// up to the export timeout (10 s by default) on a sick one.
+const LATENCY_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A Prometheus histogram of durations with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let index = LATENCY_BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (le, bucket) in LATENCY_BUCKETS.iter().map(|le| le.to_string()).chain(["+Inf".to_string()]).zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
     }
 }
 
@@ -144,15 +182,30 @@ impl Telemetry {
             "Kafka frames skipped: larger than the kernel captures per syscall.",
             &[("", self.kafka_truncated_frames.get())],
         );
-        counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", self.export.exported.load(Ordering::Relaxed))]);
-        let dropped = self.export.dropped.load(Ordering::Relaxed) + self.spans_queue_full.get();
-        counter("zerotel_spans_dropped_total", "Spans dropped: export queue full or export failed.", &[("", dropped)]);
-        counter("zerotel_export_errors_total", "Failed export calls.", &[("", self.export.errors.load(Ordering::Relaxed))]);
+        let export = &self.export;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter("zerotel_spans_exported_total", "Spans the backend accepted.", &[("", load(&export.exported))]);
+        let dropped = &export.dropped;
+        counter(
+            "zerotel_spans_dropped_total",
+            "Spans not exported, by reason: queue_full (the export queue or the hand-over to it was full), rejected (the backend refused the request), partial_success (the backend refused these spans of an accepted request), shutdown (unsent at the shutdown timeout), no_exporter (OTLP configured but unusable).",
+            &[
+                ("{reason=\"queue_full\"}", load(&dropped.queue_full) + self.spans_queue_full.get()),
+                ("{reason=\"rejected\"}", load(&dropped.rejected)),
+                ("{reason=\"partial_success\"}", load(&dropped.partial_success)),
+                ("{reason=\"shutdown\"}", load(&dropped.shutdown)),
+                ("{reason=\"no_exporter\"}", load(&dropped.no_exporter)),
+            ],
+        );
+        counter("zerotel_export_errors_total", "Export requests that failed (every failed attempt counts).", &[("", load(&export.errors))]);
+        counter("zerotel_export_retries_total", "Export requests sent again after a transient failure.", &[("", load(&export.retries))]);
         counter("zerotel_k8s_watch_errors_total", "Kubernetes pod watch errors (it retries).", &[("", self.k8s_watch_errors.get())]);
         let mut gauge = |name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         };
         gauge("zerotel_connections", "Connections tracked now.", self.connections.load(Ordering::Relaxed));
+        gauge("zerotel_export_queue_spans", "Spans held for export now: queued, in flight or awaiting a retry.", self.export.queued.load(Ordering::Relaxed));
+        gauge("zerotel_export_queue_capacity_spans", "Most spans the export queue holds.", self.export.queue_capacity.load(Ordering::Relaxed));
         let propagating = u64::from(self.propagation.load(Ordering::Relaxed));
         gauge("zerotel_propagation_enabled", "1 when traceparent is inserted into outgoing requests.", propagating);
         gauge("zerotel_processes_traced", "Processes selected for tracing now.", self.processes_traced.load(Ordering::Relaxed));
@@ -163,6 +216,7 @@ impl Telemetry {
         );
         gauge("zerotel_k8s_pods", "Pods of this node known from the Kubernetes API.", self.k8s_pods.load(Ordering::Relaxed));
         gauge("zerotel_k8s_synced", "1 once the first list of this node's pods arrived.", u64::from(self.k8s_synced.load(Ordering::Relaxed)));
+        self.export.latency.render(&mut out, "zerotel_export_duration_seconds", "Time from sending an export request to its answer.");
         out
     }
 }
@@ -218,10 +272,27 @@ mod tests {
             "zerotel_spans_total{kind=\"producer\"} 0",
             "zerotel_spans_total{kind=\"consumer\"} 0",
             "zerotel_spans_exported_total 0",
-            "zerotel_spans_dropped_total 0",
+            "zerotel_spans_dropped_total{reason=\"queue_full\"} 0",
+            "zerotel_spans_dropped_total{reason=\"partial_success\"} 0",
             "zerotel_export_errors_total 0",
+            "zerotel_export_retries_total 0",
+            "zerotel_export_queue_spans 0",
+            "zerotel_export_duration_seconds_count 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for ms in [1, 7, 7, 300, 60_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let mut text = String::new();
+        h.render(&mut text, "t", "help");
+        for line in ["t_bucket{le=\"0.005\"} 1", "t_bucket{le=\"0.01\"} 3", "t_bucket{le=\"0.25\"} 3", "t_bucket{le=\"0.5\"} 4", "t_bucket{le=\"10\"} 4", "t_bucket{le=\"+Inf\"} 5", "t_sum 60.315", "t_count 5"] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 

@@ -302,13 +302,18 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub fn start(protocol: Protocol) -> OtlpReceiver {
+        OtlpReceiver::start_at(protocol, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// On a chosen address: a backend that comes up where an agent already sends.
+    pub fn start_at(protocol: Protocol, bind: SocketAddr) -> OtlpReceiver {
         let sink = SpanSink::default();
         let (addr_tx, addr_rx) = mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let thread_sink = sink.clone();
         let thread = thread::Builder::new()
             .name(format!("otlp-{}", protocol.flag()))
-            .spawn(move || run_receiver(protocol, thread_sink, addr_tx, shutdown_rx))
+            .spawn(move || run_receiver(protocol, bind, thread_sink, addr_tx, shutdown_rx))
             .expect("spawn OTLP receiver thread");
         let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("OTLP receiver did not report its address");
         OtlpReceiver { protocol, addr, sink, shutdown: Some(shutdown_tx), thread: Some(thread) }
@@ -397,6 +402,7 @@ impl Drop for OtlpReceiver {
 
 fn run_receiver(
     protocol: Protocol,
+    bind: SocketAddr,
     sink: SpanSink,
     addr_tx: mpsc::Sender<SocketAddr>,
     shutdown: oneshot::Receiver<()>,
@@ -404,7 +410,7 @@ fn run_receiver(
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("build OTLP receiver runtime");
     runtime.block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind OTLP receiver");
+        let listener = TcpListener::bind(bind).await.expect("bind OTLP receiver");
         let addr = listener.local_addr().expect("OTLP receiver local_addr");
         addr_tx.send(addr).expect("report OTLP receiver address");
         match protocol {

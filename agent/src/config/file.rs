@@ -24,6 +24,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub print: Option<bool>,
     pub shutdown_timeout: Option<u64>,
+    pub export_queue_size: Option<usize>,
     /// auto (when a node name is known), on or off.
     pub kubernetes: Option<String>,
     pub node_name: Option<String>,

@@ -70,6 +70,10 @@ pub struct Cli {
     /// Address serving /healthz and /metrics [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR", env = "ZEROTEL_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Most spans held for export (queued, in flight, awaiting a retry); more are dropped and
+    /// counted. Overrides OTEL_BSP_MAX_QUEUE_SIZE [default: 8192].
+    #[arg(long, value_name = "SPANS", env = "ZEROTEL_EXPORT_QUEUE_SIZE")]
+    pub export_queue_size: Option<usize>,
     /// Longest wait for pending spans to be exported on SIGINT/SIGTERM, in seconds [default: 5].
     #[arg(long, value_name = "SECONDS", env = "ZEROTEL_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -142,6 +146,12 @@ pub struct Config {
     pub query_text: QueryText,
 }
 
+/// The export stage's share of the shutdown timeout: the stages before it drain first (in
+/// milliseconds), and what it could not send must still be counted before the timeout.
+fn flush_timeout(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout.saturating_sub(Duration::from_millis(500)).max(shutdown_timeout / 2)
+}
+
 /// Executables of telemetry agents (their traffic is telemetry, not the application's).
 const TELEMETRY_AGENTS: &str = r"/(otelcol[^/]*|otel-collector|beyla|obi|ebpf-instrument|alloy|grafana-agent|datadog-agent|trace-agent|system-probe|fluent-bit|fluentd|td-agent-bit|vector|promtail|filebeat|metricbeat|node_exporter|odigos[^/]*|zerotel)$";
 
@@ -169,15 +179,17 @@ impl Config {
         let kubernetes = kube_settings(kubernetes_mode, node_name, cli.kubeconfig.clone().or(file.kubeconfig.clone()), &selection)?;
         let otlp_endpoint = cli.otlp_endpoint.as_deref().or(file.otlp_endpoint.as_deref());
         let otlp_protocol = cli.otlp_protocol.as_deref().or(file.otlp_protocol.as_deref());
-        let otlp = OtlpConfig::resolve(otlp_endpoint, otlp_protocol, env)?;
+        let queue_size = cli.export_queue_size.or(file.export_queue_size);
+        let otlp = OtlpConfig::resolve(otlp_endpoint, otlp_protocol, queue_size, env)?;
         let print = cli.print || file.print.unwrap_or(false) || otlp.is_none();
+        let shutdown_timeout = Duration::from_secs(cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5));
         Ok(Self {
             selection,
             propagation,
             sampler: sampler_from_env(env)?,
-            export: ExportConfig { print, otlp },
+            export: ExportConfig { print, otlp, flush_timeout: flush_timeout(shutdown_timeout) },
             listen: cli.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9464))),
-            shutdown_timeout: Duration::from_secs(cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5)),
+            shutdown_timeout,
             kubernetes,
             kubernetes_required,
             check_only: cli.check_config,

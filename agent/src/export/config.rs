@@ -22,6 +22,13 @@ const FLAG: &str = "the command line";
 const TRACES_PATH: &str = "/v1/traces";
 const GRPC_PORT: u16 = 4317;
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
+/// The batch span processor's variables, which every OpenTelemetry SDK reads.
+const QUEUE_SIZE_VAR: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
+const BATCH_SIZE_VAR: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
+/// Spans held for export (queued, in flight or waiting for a retry). 8192 spans of about
+/// 1 KiB each bound the export stage to roughly 8 MiB while the backend is away.
+const DEFAULT_QUEUE_SIZE: usize = 8192;
+const DEFAULT_BATCH_SIZE: usize = 512;
 
 /// OTLP transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +56,10 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     /// Upper bound of one export call.
     pub timeout: Duration,
+    /// Most spans held for export at once; more are dropped and counted.
+    pub queue_size: usize,
+    /// Most spans per export request.
+    pub batch_size: usize,
 }
 
 // Hand-written so header values (typically API keys) never end up in logs.
@@ -60,6 +71,8 @@ impl fmt::Debug for OtlpConfig {
             .field("protocol", &self.protocol)
             .field("headers", &header_names)
             .field("timeout", &self.timeout)
+            .field("queue_size", &self.queue_size)
+            .field("batch_size", &self.batch_size)
             .finish()
     }
 }
@@ -91,6 +104,9 @@ pub enum ExportConfigError {
         "invalid OTLP timeout {value:?} from {origin}: expected a positive number of milliseconds"
     )]
     BadTimeout { origin: &'static str, value: String },
+    /// A queue or batch size is not a positive integer.
+    #[error("invalid {name} {value:?}: expected a positive number of spans")]
+    BadSize { name: &'static str, value: String },
 }
 
 /// How the configured endpoint URL relates to the traces URL.
@@ -114,6 +130,8 @@ impl OtlpConfig {
     ///   endpoint defaults to http/protobuf.
     /// - Headers: `OTEL_EXPORTER_OTLP_{TRACES_,}HEADERS`, `k=v,k2=v2`, values percent-decoded.
     /// - Timeout: `OTEL_EXPORTER_OTLP_{TRACES_,}TIMEOUT` in milliseconds, default 10000.
+    /// - Queue: `queue_flag`, else `OTEL_BSP_MAX_QUEUE_SIZE` spans, default 8192; batches of
+    ///   `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, default 512 (never more than the queue).
     ///
     /// The traces-specific variable wins over the generic one; empty variables count as unset.
     /// Returns `Ok(None)` when no endpoint is configured anywhere (a bad `protocol_flag` is
@@ -121,6 +139,7 @@ impl OtlpConfig {
     pub fn resolve(
         endpoint_flag: Option<&str>,
         protocol_flag: Option<&str>,
+        queue_flag: Option<usize>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>, ExportConfigError> {
         let flag_protocol = protocol_flag.map(|p| parse_protocol(p, FLAG)).transpose()?;
@@ -140,6 +159,11 @@ impl OtlpConfig {
                 None => Protocol::HttpProtobuf,
             },
         };
+        let queue_size = match queue_flag {
+            Some(0) => return Err(ExportConfigError::BadSize { name: "--export-queue-size", value: "0".into() }),
+            Some(n) => n,
+            None => resolve_size(env, QUEUE_SIZE_VAR, DEFAULT_QUEUE_SIZE)?,
+        };
         let endpoint = match (kind, protocol) {
             (EndpointKind::Base, Protocol::HttpProtobuf) => with_traces_path(&raw),
             _ => raw,
@@ -149,6 +173,8 @@ impl OtlpConfig {
             protocol,
             headers: resolve_headers(env)?,
             timeout: resolve_timeout(env)?,
+            queue_size,
+            batch_size: resolve_size(env, BATCH_SIZE_VAR, DEFAULT_BATCH_SIZE)?.min(queue_size),
         }))
     }
 }
@@ -318,6 +344,16 @@ fn resolve_timeout(env: &dyn Fn(&str) -> Option<String>) -> Result<Duration, Exp
     }
 }
 
+fn resolve_size(env: &dyn Fn(&str) -> Option<String>, name: &'static str, default: usize) -> Result<usize, ExportConfigError> {
+    match get_env(env, name) {
+        None => Ok(default),
+        Some(value) => match value.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ExportConfigError::BadSize { name, value }),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,7 +368,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        OtlpConfig::resolve(endpoint_flag, protocol_flag, &|name| {
+        OtlpConfig::resolve(endpoint_flag, protocol_flag, None, &|name| {
             vars.get(name).cloned()
         })
     }
@@ -575,5 +611,23 @@ mod tests {
             let err = resolve_with(Some("http://h"), None, &[(TIMEOUT_VARS[1], t)]).unwrap_err();
             assert!(matches!(err, ExportConfigError::BadTimeout { .. }), "{t}");
         }
+    }
+
+    #[test]
+    fn queue_and_batch_sizes() {
+        let c = ok(Some("http://h"), None, &[]);
+        assert_eq!((c.queue_size, c.batch_size), (DEFAULT_QUEUE_SIZE, DEFAULT_BATCH_SIZE));
+        let c = ok(Some("http://h"), None, &[(QUEUE_SIZE_VAR, "100"), (BATCH_SIZE_VAR, "50")]);
+        assert_eq!((c.queue_size, c.batch_size), (100, 50));
+        let c = ok(Some("http://h"), None, &[(QUEUE_SIZE_VAR, "100"), (BATCH_SIZE_VAR, "500")]);
+        assert_eq!(c.batch_size, 100, "a batch never exceeds the queue");
+        let env = |name: &str| (name == QUEUE_SIZE_VAR).then(|| "100".to_string());
+        let c = OtlpConfig::resolve(Some("http://h"), None, Some(7), &env).unwrap().unwrap();
+        assert_eq!((c.queue_size, c.batch_size), (7, 7), "the flag over the variable");
+        for bad in ["0", "-1", "many"] {
+            let err = resolve_with(Some("http://h"), None, &[(QUEUE_SIZE_VAR, bad)]).unwrap_err();
+            assert!(matches!(err, ExportConfigError::BadSize { name: QUEUE_SIZE_VAR, .. }), "{bad}");
+        }
+        assert!(OtlpConfig::resolve(Some("http://h"), None, Some(0), &|_| None).is_err());
     }
 }

@@ -3,33 +3,72 @@
 //! This is the only module that touches the opentelemetry crates; the rest of the agent hands
 //! over `Vec<Span>` batches through a channel.
 
+mod backoff;
 mod config;
 mod console;
 mod convert;
 mod otlp;
 #[cfg(test)]
 mod receiver;
+mod transport;
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use tokio::sync::mpsc;
 
 pub use config::{ExportConfigError, OtlpConfig, Protocol};
 
-use crate::spans::model::Span;
+use crate::{spans::model::Span, telemetry::Histogram};
 
 /// Export statistics, shared with whoever reports them.
 #[derive(Debug, Default)]
 pub struct ExportCounters {
     /// Spans the backend accepted.
     pub exported: AtomicU64,
-    /// Spans given up on: failed exports, memory bound, no exporter available.
-    pub dropped: AtomicU64,
-    /// Failed export requests.
+    /// Spans given up on, by reason.
+    pub dropped: DroppedSpans,
+    /// Export requests that failed (each retry that fails counts again).
     pub errors: AtomicU64,
+    /// Requests sent again after a transient failure.
+    pub retries: AtomicU64,
+    /// Spans held now: queued, in flight or waiting for a retry (gauge).
+    pub queued: AtomicU64,
+    /// The bound on `queued`.
+    pub queue_capacity: AtomicU64,
+    /// Seconds from sending a request to its answer.
+    pub latency: Histogram,
+}
+
+/// Why spans were not exported. Every span the export stage receives is either exported or
+/// counted in exactly one of these.
+#[derive(Debug, Default)]
+pub struct DroppedSpans {
+    /// The queue held its maximum (the backend was slow or away for long).
+    pub queue_full: AtomicU64,
+    /// The backend refused the request for good (bad request, unauthenticated, ...).
+    pub rejected: AtomicU64,
+    /// The backend accepted the request but refused these spans (OTLP partial success).
+    pub partial_success: AtomicU64,
+    /// Still unsent when the shutdown timeout ran out.
+    pub shutdown: AtomicU64,
+    /// OTLP was configured but no exporter could be built.
+    pub no_exporter: AtomicU64,
+}
+
+impl DroppedSpans {
+    #[cfg(test)]
+    pub fn total(&self) -> u64 {
+        [&self.queue_full, &self.rejected, &self.partial_success, &self.shutdown, &self.no_exporter]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What to do with spans.
@@ -39,6 +78,8 @@ pub struct ExportConfig {
     pub print: bool,
     /// `None`: no OTLP export.
     pub otlp: Option<OtlpConfig>,
+    /// How long the export stage may take to send what it holds once its input closes.
+    pub flush_timeout: Duration,
 }
 
 /// Runs until `rx` is closed, then flushes what it holds and returns. Never panics on export
@@ -52,8 +93,8 @@ pub async fn run(
     let Some(otlp) = &config.otlp else {
         return print_only(&mut rx, printer, None).await;
     };
-    match otlp::Pipeline::new(otlp, Arc::clone(&counters), otlp::LIMITS) {
-        Ok(pipeline) => pipeline.run(&mut rx, printer).await,
+    match otlp::Pipeline::new(otlp, Arc::clone(&counters)) {
+        Ok(pipeline) => pipeline.run(&mut rx, printer, config.flush_timeout).await,
         Err(e) => {
             log::error!("OTLP export disabled: {e}");
             print_only(&mut rx, printer, Some(&counters)).await;
@@ -72,7 +113,7 @@ async fn print_only(
             p.print(&spans);
         }
         if let Some(c) = dropped {
-            c.dropped.fetch_add(spans.len() as u64, Ordering::Relaxed);
+            c.dropped.no_exporter.fetch_add(spans.len() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -90,6 +131,7 @@ mod tests {
             ExportConfig {
                 print: true,
                 otlp: None,
+                flush_timeout: Duration::from_secs(1),
             },
             rx,
             Arc::clone(&counters),
@@ -114,7 +156,7 @@ mod tests {
         tx.send(vec![span]).await.unwrap();
         drop(tx);
         task.await.unwrap();
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.dropped.total(), 0);
         assert_eq!(counters.exported.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,264 +1,116 @@
-//! OTLP export: batches per resource, one SDK exporter per distinct resource.
+//! OTLP export: a bounded queue of spans, sent in batches by a few concurrent requests and
+//! retried with exponential backoff while the backend fails transiently.
 //!
-//! An OTLP SDK exporter carries exactly one resource (`set_resource`), while our spans come
-//! from many processes. So exporters are created lazily per resource (keyed by content), kept
-//! in a bounded LRU, and all share one gRPC channel or one HTTP client.
-//!
-//! Failed exports are dropped and counted; retry comes in a later issue (hence the SDK's own
-//! retry is disabled too).
+//! Every span that enters is accounted for exactly once: exported, or dropped with a reason
+//! (`ExportCounters::dropped`). Memory is bounded by `queue_size` spans, whatever the backend
+//! does: while it is away, new spans beyond the bound are dropped, never the process's memory.
+//! Sending happens in spawned tasks, so a slow backend never stalls the stages before this one.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use opentelemetry::InstrumentationScope;
-use opentelemetry_otlp::{
-    RetryPolicy, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
-use opentelemetry_sdk::trace::SpanExporter as _;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::{
     sync::mpsc,
     task::{self, JoinError, JoinSet},
     time::MissedTickBehavior,
 };
-use tonic::{
-    metadata::{MetadataKey, MetadataMap, MetadataValue},
-    transport::{Channel, Endpoint},
+
+use super::{
+    backoff::Backoff,
+    console::Printer,
+    convert,
+    transport::{Client, Outcome},
+    ExportCounters, OtlpConfig,
 };
+use crate::spans::model::Span;
 
-use super::{console::Printer, convert, ExportCounters, OtlpConfig, Protocol};
-use crate::spans::model::{Resource, Span};
-
+/// Partial batches wait at most this long.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Requests in flight at once: enough to hide a backend's latency, few enough not to swamp it.
+const MAX_IN_FLIGHT: usize = 4;
 /// Neither the HTTP client nor tonic is built with a TLS backend (see the crate features).
 const TLS_SUPPORTED: bool = false;
 
-/// Memory and fan-out bounds.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Limits {
-    /// Spans per export request.
-    pub batch: usize,
-    /// Spans pending or in flight, across all resources.
-    pub max_held: usize,
-    /// Live exporters (distinct resources).
-    pub max_exporters: usize,
+/// A batch on its way: spans not yet converted, or the request of an earlier failed attempt
+/// (sent again as it was).
+enum Payload {
+    Spans(Vec<Span>),
+    Request(ExportTraceServiceRequest),
 }
 
-pub(super) const LIMITS: Limits = Limits {
-    batch: 512,
-    max_held: 8192,
-    max_exporters: 256,
-};
-
-/// The connection every exporter shares, plus what each exporter is built with.
-enum Transport {
-    Grpc {
-        channel: Channel,
-        metadata: MetadataMap,
-    },
-    Http {
-        client: reqwest::Client,
-        headers: HashMap<String, String>,
-    },
+struct Batch {
+    payload: Payload,
+    spans: usize,
 }
 
-struct Factory {
-    transport: Transport,
-    endpoint: String,
-    timeout: Duration,
+/// What an export task hands back.
+struct Attempt {
+    request: ExportTraceServiceRequest,
+    spans: usize,
+    outcome: Outcome,
 }
-
-impl Factory {
-    /// Must run inside a tokio runtime: the lazy gRPC channel spawns its worker.
-    fn new(config: &OtlpConfig) -> Result<Self, String> {
-        let transport = match config.protocol {
-            Protocol::Grpc => Transport::Grpc {
-                channel: grpc_channel(config)?,
-                metadata: grpc_metadata(&config.headers),
-            },
-            Protocol::HttpProtobuf => Transport::Http {
-                client: reqwest::Client::builder()
-                    .timeout(config.timeout)
-                    .build()
-                    .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
-                headers: http_headers(&config.headers),
-            },
-        };
-        Ok(Self {
-            transport,
-            endpoint: config.endpoint.clone(),
-            timeout: config.timeout,
-        })
-    }
-
-    fn build(&self, resource: &Resource) -> Result<SpanExporter, String> {
-        let mut exporter = match &self.transport {
-            Transport::Grpc { channel, metadata } => SpanExporter::builder()
-                .with_tonic()
-                .with_channel(channel.clone())
-                .with_metadata(metadata.clone())
-                .with_timeout(self.timeout)
-                .with_retry_policy(RetryPolicy::disabled())
-                .build(),
-            // The protocol is explicit so OTEL_EXPORTER_OTLP_PROTOCOL=grpc cannot fail the build.
-            Transport::Http { client, headers } => SpanExporter::builder()
-                .with_http()
-                .with_http_client(client.clone())
-                .with_endpoint(self.endpoint.as_str())
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_timeout(self.timeout)
-                .with_headers(headers.clone())
-                .with_retry_policy(RetryPolicy::disabled())
-                .build(),
-        }
-        .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
-        exporter.set_resource(&convert::resource(resource));
-        Ok(exporter)
-    }
-}
-
-fn grpc_channel(config: &OtlpConfig) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|e| format!("invalid gRPC endpoint {:?}: {e}", config.endpoint))?;
-    Ok(endpoint
-        .timeout(config.timeout)
-        .connect_timeout(config.timeout)
-        .connect_lazy())
-}
-
-fn grpc_metadata(headers: &[(String, String)]) -> MetadataMap {
-    let mut metadata = MetadataMap::new();
-    for (key, value) in headers {
-        match (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) {
-            (Ok(k), Ok(v)) => {
-                metadata.insert(k, v);
-            }
-            _ => log::warn!("OTLP header {key:?} is not valid ASCII gRPC metadata, not sent"),
-        }
-    }
-    metadata
-}
-
-/// The SDK percent-decodes `with_headers` values once more; ours are decoded already, so
-/// escape `%` to keep a literal `%` literal.
-fn http_headers(headers: &[(String, String)]) -> HashMap<String, String> {
-    headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.replace('%', "%25")))
-        .collect()
-}
-
-/// At most one warning per `WARN_INTERVAL`, counting the ones it swallowed.
-#[derive(Default)]
-struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimiter {
-    fn warn(&mut self, message: impl FnOnce() -> String) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        match std::mem::take(&mut self.suppressed) {
-            0 => log::warn!("{}", message()),
-            n => log::warn!("{} ({n} similar failures not logged)", message()),
-        }
-        self.last = Some(now);
-    }
-}
-
-/// One resource: its exporter and the spans waiting for it.
-struct Entry {
-    /// Tells a recreated entry from an evicted one with the same key.
-    id: u64,
-    exporter: Arc<SpanExporter>,
-    pending: Vec<Span>,
-    /// The SDK contract: no concurrent `export` calls on one exporter.
-    busy: bool,
-    last_used: u64,
-}
-
-struct InFlight {
-    key: String,
-    entry_id: u64,
-    count: usize,
-}
-
-type ExportResult = Result<(), String>;
 
 pub(super) struct Pipeline {
-    factory: Factory,
-    limits: Limits,
+    client: Client,
+    endpoint: String,
+    timeout: Duration,
+    queue_size: usize,
+    batch_size: usize,
     counters: Arc<ExportCounters>,
-    scope: InstrumentationScope,
-    entries: HashMap<String, Entry>,
-    tasks: JoinSet<ExportResult>,
-    in_flight: HashMap<task::Id, InFlight>,
-    /// Spans pending or in flight.
+    /// Spans not yet in a request.
+    queue: VecDeque<Span>,
+    /// Requests that failed transiently, oldest first: they go before any new batch.
+    retries: VecDeque<Batch>,
+    tasks: JoinSet<Attempt>,
+    /// Spans per running task, to account for a task that panicked.
+    in_flight: HashMap<task::Id, usize>,
+    /// Spans queued, in flight or waiting for a retry.
     held: usize,
-    clock: u64,
-    next_entry_id: u64,
-    shutting_down: bool,
+    backoff: Backoff,
+    /// No request starts before this, after a transient failure.
+    paused_until: Option<Instant>,
     warn: WarnLimiter,
 }
 
 impl Pipeline {
-    pub(super) fn new(
-        config: &OtlpConfig,
-        counters: Arc<ExportCounters>,
-        limits: Limits,
-    ) -> Result<Self, String> {
-        if !TLS_SUPPORTED
-            && config
-                .endpoint
-                .get(..6)
-                .is_some_and(|s| s.eq_ignore_ascii_case("https:"))
-        {
-            log::warn!(
-                "OTLP endpoint {} uses https, but this build has no TLS support: exports will fail",
-                config.endpoint
-            );
+    pub(super) fn new(config: &OtlpConfig, counters: Arc<ExportCounters>) -> Result<Self, String> {
+        if !TLS_SUPPORTED && config.endpoint.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("https:")) {
+            log::warn!("OTLP endpoint {} uses https, but this build has no TLS support: exports will fail", config.endpoint);
         }
-        let factory = Factory::new(config)?;
+        let client = Client::new(config)?;
         log::info!(
-            "exporting spans over OTLP {} to {}",
+            "exporting spans over OTLP {} to {} (queue of {} spans, batches of {})",
             config.protocol,
-            config.endpoint
+            config.endpoint,
+            config.queue_size,
+            config.batch_size
         );
+        counters.queue_capacity.store(config.queue_size as u64, Ordering::Relaxed);
         Ok(Self {
-            factory,
-            limits,
+            client,
+            endpoint: config.endpoint.clone(),
+            timeout: config.timeout,
+            queue_size: config.queue_size,
+            batch_size: config.batch_size,
             counters,
-            scope: convert::scope(),
-            entries: HashMap::new(),
+            queue: VecDeque::new(),
+            retries: VecDeque::new(),
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
             held: 0,
-            clock: 0,
-            next_entry_id: 0,
-            shutting_down: false,
+            backoff: Backoff::default(),
+            paused_until: None,
             warn: WarnLimiter::default(),
         })
     }
 
-    /// Exports until `rx` closes, then flushes everything (bounded by twice the timeout).
-    pub(super) async fn run(
-        mut self,
-        rx: &mut mpsc::Receiver<Vec<Span>>,
-        mut printer: Option<Printer>,
-    ) {
+    /// Exports until `rx` closes, then sends what it holds within `flush_timeout`.
+    pub(super) async fn run(mut self, rx: &mut mpsc::Receiver<Vec<Span>>, mut printer: Option<Printer>, flush_timeout: Duration) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -272,230 +124,192 @@ impl Pipeline {
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.flush_idle(),
-                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.complete(done);
+                _ = tick.tick() => self.pump(true),
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.complete(done),
+                () = sleep_until(self.paused_until), if self.paused_until.is_some() => {
+                    self.paused_until = None;
+                    self.pump(true);
                 }
             }
         }
-        self.shutdown().await;
+        self.shutdown(Instant::now() + flush_timeout).await;
     }
 
-    /// Queues spans, grouping runs that share a resource `Arc` so the key is computed once.
-    pub(super) fn push(&mut self, spans: Vec<Span>) {
-        self.clock += 1;
-        let mut run: Vec<Span> = Vec::new();
-        for span in spans {
-            if run
-                .last()
-                .is_some_and(|last| !Arc::ptr_eq(&last.resource, &span.resource))
-            {
-                self.push_run(std::mem::take(&mut run));
-            }
-            run.push(span);
+    /// Queues spans; what does not fit the bound is dropped and counted.
+    pub(super) fn push(&mut self, mut spans: Vec<Span>) {
+        let room = self.queue_size.saturating_sub(self.held);
+        if spans.len() > room {
+            let excess = spans.len() - room;
+            self.counters.dropped.queue_full.fetch_add(excess as u64, Ordering::Relaxed);
+            spans.truncate(room);
+            let (size, endpoint) = (self.queue_size, &self.endpoint);
+            self.warn.warn(|| format!("export queue full ({size} spans): dropping spans until {endpoint} takes more"));
         }
-        self.push_run(run);
+        self.held += spans.len();
+        self.queue.extend(spans);
+        self.update_gauge();
+        self.pump(false);
     }
 
-    fn push_run(&mut self, mut run: Vec<Span>) {
-        let Some(resource) = run.first().map(|s| Arc::clone(&s.resource)) else {
-            return;
-        };
-        let room = self.limits.max_held.saturating_sub(self.held);
-        if run.len() > room {
-            self.count_dropped(run.len() - room);
-            run.truncate(room);
-        }
-        if run.is_empty() {
+    /// Starts requests while there is room in flight and no backoff pending: retries first,
+    /// then full batches, then (`partial`) what is left.
+    fn pump(&mut self, partial: bool) {
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let key = convert::resource_key(&resource);
-        let (clock, batch) = (self.clock, self.limits.batch);
-        let Some(entry) = self.entry(&key, &resource) else {
-            self.count_dropped(run.len());
-            return;
-        };
-        entry.last_used = clock;
-        let added = run.len();
-        entry.pending.append(&mut run);
-        let ready = !entry.busy && entry.pending.len() >= batch;
-        self.held += added;
-        if ready {
-            self.dispatch(&key);
+        self.paused_until = None;
+        while self.tasks.len() < MAX_IN_FLIGHT {
+            let batch = match self.retries.pop_front() {
+                Some(batch) => batch,
+                None if self.queue.len() >= self.batch_size || (partial && !self.queue.is_empty()) => {
+                    let n = self.queue.len().min(self.batch_size);
+                    Batch { payload: Payload::Spans(self.queue.drain(..n).collect()), spans: n }
+                }
+                None => return,
+            };
+            self.spawn(batch);
         }
     }
 
-    /// The entry for `key`, created on first use; `None` if no exporter can be had.
-    fn entry(&mut self, key: &str, resource: &Resource) -> Option<&mut Entry> {
-        if !self.entries.contains_key(key) {
-            let entry = self.new_entry(resource)?;
-            self.entries.insert(key.to_owned(), entry);
-        }
-        self.entries.get_mut(key)
-    }
-
-    fn new_entry(&mut self, resource: &Resource) -> Option<Entry> {
-        if self.entries.len() >= self.limits.max_exporters && !self.evict_lru() {
-            let max = self.limits.max_exporters;
-            self.warn.warn(|| {
-                format!("{max} OTLP exporters are all busy, dropping spans of a new resource")
-            });
-            return None;
-        }
-        let exporter = match self.factory.build(resource) {
-            Ok(exporter) => exporter,
-            Err(e) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.warn.warn(|| e);
-                return None;
-            }
-        };
-        self.next_entry_id += 1;
-        Some(Entry {
-            id: self.next_entry_id,
-            exporter: Arc::new(exporter),
-            pending: Vec::new(),
-            busy: false,
-            last_used: self.clock,
-        })
-    }
-
-    /// Drops the least recently used idle exporter, sending what it still holds.
-    fn evict_lru(&mut self) -> bool {
-        let victim = self
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.busy)
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| k.clone());
-        let Some(entry) = victim.and_then(|k| self.entries.remove_entry(&k)) else {
-            return false;
-        };
-        let (key, entry) = entry;
-        if !entry.pending.is_empty() {
-            self.spawn_export(key, entry.id, entry.exporter, entry.pending);
-        }
-        true
-    }
-
-    /// Sends up to one batch for `key` unless its exporter is busy. At shutdown everything
-    /// pending goes in one request, so the flush takes one round trip.
-    fn dispatch(&mut self, key: &str) {
-        let (batch_size, shutting_down) = (self.limits.batch, self.shutting_down);
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        if entry.busy || entry.pending.is_empty() {
-            return;
-        }
-        let batch = if shutting_down || entry.pending.len() <= batch_size {
-            std::mem::take(&mut entry.pending)
-        } else {
-            entry.pending.drain(..batch_size).collect()
-        };
-        entry.busy = true;
-        let (id, exporter) = (entry.id, Arc::clone(&entry.exporter));
-        self.spawn_export(key.to_owned(), id, exporter, batch);
-    }
-
-    fn spawn_export(
-        &mut self,
-        key: String,
-        entry_id: u64,
-        exporter: Arc<SpanExporter>,
-        batch: Vec<Span>,
-    ) {
-        let count = batch.len();
-        let scope = self.scope.clone();
-        let timeout = self.factory.timeout;
+    fn spawn(&mut self, batch: Batch) {
+        let (client, timeout, counters) = (self.client.clone(), self.timeout, Arc::clone(&self.counters));
+        let spans = batch.spans;
         let handle = self.tasks.spawn(async move {
-            let data = batch
-                .into_iter()
-                .map(|span| convert::span_data(span, &scope))
-                .collect();
-            match tokio::time::timeout(timeout, exporter.export(data)).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-            }
+            let request = match batch.payload {
+                Payload::Spans(spans) => convert::request(spans),
+                Payload::Request(request) => request,
+            };
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(timeout, client.send(&request)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Retry { after: None, reason: format!("no answer within {timeout:?}") },
+            };
+            counters.latency.observe(started.elapsed());
+            Attempt { request, spans, outcome }
         });
-        self.in_flight.insert(
-            handle.id(),
-            InFlight {
-                key,
-                entry_id,
-                count,
-            },
-        );
+        self.in_flight.insert(handle.id(), spans);
     }
 
-    /// Accounts for a finished export and frees its exporter for the next batch.
-    fn complete(&mut self, done: Result<(task::Id, ExportResult), JoinError>) {
-        let (id, result) = match done {
-            Ok(done) => done,
-            Err(e) => (e.id(), Err(format!("export task failed: {e}"))),
-        };
-        let Some(InFlight {
-            key,
-            entry_id,
-            count,
-        }) = self.in_flight.remove(&id)
-        else {
-            return;
-        };
-        self.held = self.held.saturating_sub(count);
-        match result {
-            Ok(()) => {
-                self.counters
-                    .exported
-                    .fetch_add(count as u64, Ordering::Relaxed);
+    /// Accounts for a finished request; a transient failure queues it again and pauses sending.
+    fn complete(&mut self, done: Result<(task::Id, Attempt), JoinError>) {
+        let attempt = match done {
+            Ok((id, attempt)) => {
+                self.in_flight.remove(&id);
+                attempt
             }
             Err(e) => {
+                // Only a bug gets here (the task does not panic by design): count, don't lose track.
+                let spans = self.in_flight.remove(&e.id()).unwrap_or(0);
+                self.release(spans);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.count_dropped(count);
-                let endpoint = &self.factory.endpoint;
-                self.warn
-                    .warn(|| format!("OTLP export of {count} spans to {endpoint} failed: {e}"));
+                self.counters.dropped.rejected.fetch_add(spans as u64, Ordering::Relaxed);
+                log::error!("OTLP export task failed: {e}");
+                return;
+            }
+        };
+        let Attempt { request, spans, outcome } = attempt;
+        match outcome {
+            Outcome::Accepted { rejected, message } => {
+                let rejected = rejected.min(spans as u64);
+                self.counters.exported.fetch_add(spans as u64 - rejected, Ordering::Relaxed);
+                self.counters.dropped.partial_success.fetch_add(rejected, Ordering::Relaxed);
+                if rejected > 0 {
+                    self.warn.warn(|| format!("the backend refused {rejected} of {spans} spans: {message}"));
+                }
+                self.backoff.reset();
+                self.release(spans);
+            }
+            Outcome::Retry { after, reason } => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                let delay = self.backoff.next_delay(after);
+                let resume = Instant::now() + delay;
+                self.paused_until = Some(self.paused_until.map_or(resume, |t| t.max(resume)));
+                self.retries.push_back(Batch { payload: Payload::Request(request), spans });
+                let (failures, endpoint) = (self.backoff.failures(), &self.endpoint);
+                self.warn.warn(|| {
+                    format!("OTLP export of {spans} spans to {endpoint} failed ({reason}); retrying in {delay:.1?} (failure {failures} in a row)")
+                });
+            }
+            Outcome::Rejected { reason } => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.dropped.rejected.fetch_add(spans as u64, Ordering::Relaxed);
+                self.release(spans);
+                let endpoint = &self.endpoint;
+                self.warn.warn(|| format!("{endpoint} refused {spans} spans ({reason}); they are dropped, not retried"));
             }
         }
-        let Some(entry) = self.entries.get_mut(&key).filter(|e| e.id == entry_id) else {
+        self.pump(false);
+    }
+
+    fn release(&mut self, spans: usize) {
+        self.held = self.held.saturating_sub(spans);
+        self.update_gauge();
+    }
+
+    fn update_gauge(&self) {
+        self.counters.queued.store(self.held as u64, Ordering::Relaxed);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.tasks.is_empty() && self.retries.is_empty() && self.queue.is_empty()
+    }
+
+    /// Sends everything held, retrying transient failures, until done or `deadline`; what is
+    /// left then is dropped and counted.
+    async fn shutdown(mut self, deadline: Instant) {
+        let give_up = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(give_up);
+        loop {
+            self.pump(true);
+            // Nothing in flight and the next retry due after the deadline: waiting is pointless.
+            let retry_too_late = self.paused_until.is_some_and(|t| t >= deadline) && self.tasks.is_empty();
+            if self.is_idle() || retry_too_late {
+                break;
+            }
+            tokio::select! {
+                () = &mut give_up => break,
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.complete(done),
+                () = sleep_until(self.paused_until), if self.paused_until.is_some() => self.paused_until = None,
+            }
+        }
+        self.tasks.abort_all();
+        let left = self.held;
+        if left > 0 {
+            self.counters.dropped.shutdown.fetch_add(left as u64, Ordering::Relaxed);
+            log::warn!("{left} spans could not be exported to {} before the shutdown timeout", self.endpoint);
+        }
+        self.release(left);
+    }
+}
+
+/// Waits for `at`; never completes for `None` (the caller guards with `if is_some()`).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// At most one warning per `WARN_INTERVAL`, counting the ones it swallowed.
+#[derive(Default)]
+struct WarnLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    fn warn(&mut self, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < WARN_INTERVAL) {
+            self.suppressed += 1;
             return;
-        };
-        entry.busy = false;
-        if !self.shutting_down && entry.pending.len() >= self.limits.batch {
-            self.dispatch(&key);
         }
-    }
-
-    /// The periodic flush: whatever waits on an idle exporter goes now.
-    fn flush_idle(&mut self) {
-        let ready: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.busy && !e.pending.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in ready {
-            self.dispatch(&key);
+        match std::mem::take(&mut self.suppressed) {
+            0 => log::warn!("{}", message()),
+            n => log::warn!("{} ({n} similar messages not logged)", message()),
         }
-    }
-
-    /// Waits for in-flight exports, then sends the rest in one request per resource. Each
-    /// step is bounded by the export timeout.
-    async fn shutdown(mut self) {
-        self.shutting_down = true;
-        self.wait_all().await;
-        self.flush_idle();
-        self.wait_all().await;
-    }
-
-    async fn wait_all(&mut self) {
-        while let Some(done) = self.tasks.join_next_with_id().await {
-            self.complete(done);
-        }
-    }
-
-    fn count_dropped(&self, n: usize) {
-        self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        self.last = Some(now);
     }
 }
 
@@ -503,26 +317,25 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::export::{
-        receiver::{self, Received},
-        run, ExportConfig,
+        receiver::{self, Reply},
+        run, ExportConfig, Protocol,
     };
-    use crate::spans::model::{AttrValue, SpanKind, SpanStatus};
+    use crate::spans::model::{AttrValue, Resource, SpanKind, SpanStatus};
     use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue as ProtoKeyValue};
     use std::collections::BTreeMap;
 
+    const PROTOCOLS: [Protocol; 2] = [Protocol::Grpc, Protocol::HttpProtobuf];
+
     fn resource(service: &'static str, pid: i64) -> Arc<Resource> {
         Arc::new(Resource {
-            attributes: vec![
-                ("service.name".into(), service.into()),
-                ("process.pid".into(), AttrValue::Int(pid)),
-            ],
+            attributes: vec![("service.name".into(), service.into()), ("process.pid".into(), AttrValue::Int(pid))],
         })
     }
 
-    fn span(resource: &Arc<Resource>, n: u8) -> Span {
+    fn span(resource: &Arc<Resource>, n: u32) -> Span {
         Span {
-            trace_id: [n; 16],
-            span_id: [n; 8],
+            trace_id: [n as u8; 16],
+            span_id: [n as u8; 8],
             parent_span_id: None,
             trace_flags: 1,
             trace_state: String::new(),
@@ -537,42 +350,56 @@ mod tests {
         }
     }
 
-    fn config(endpoint: String, protocol: Protocol, timeout: Duration) -> OtlpConfig {
+    fn spans(n: u32) -> Vec<Span> {
+        let r = resource("svc", 1);
+        (0..n).map(|i| span(&r, i)).collect()
+    }
+
+    fn config(protocol: Protocol, addr: std::net::SocketAddr, timeout: Duration) -> OtlpConfig {
+        let endpoint = match protocol {
+            Protocol::Grpc => format!("http://{addr}"),
+            Protocol::HttpProtobuf => format!("http://{addr}/v1/traces"),
+        };
         OtlpConfig {
             endpoint,
             protocol,
             headers: vec![("x-api-key".into(), "s e%cret".into())],
             timeout,
+            queue_size: 8192,
+            batch_size: 512,
         }
     }
 
-    fn endpoint(protocol: Protocol, addr: std::net::SocketAddr) -> String {
+    async fn start(protocol: Protocol, replies: Vec<Reply>) -> receiver::Receiver {
         match protocol {
-            Protocol::Grpc => format!("http://{addr}"),
-            Protocol::HttpProtobuf => format!("http://{addr}/v1/traces"),
+            Protocol::Grpc => receiver::start_grpc(replies).await,
+            Protocol::HttpProtobuf => receiver::start_http(replies).await,
         }
+    }
+
+    /// Runs the export stage on `spans` sent in one go, closes its input and waits for it.
+    async fn export_all(otlp: OtlpConfig, spans: Vec<Span>, flush_timeout: Duration) -> Arc<ExportCounters> {
+        let counters = Arc::new(ExportCounters::default());
+        let (tx, rx) = mpsc::channel(8);
+        let stage = tokio::spawn(run(ExportConfig { print: false, otlp: Some(otlp), flush_timeout }, rx, Arc::clone(&counters)));
+        tx.send(spans).await.unwrap();
+        drop(tx);
+        tokio::time::timeout(flush_timeout + Duration::from_secs(5), stage).await.expect("the flush is bounded").unwrap();
+        counters
     }
 
     fn attr(attrs: &[ProtoKeyValue], key: &str) -> Option<any_value::Value> {
-        attrs
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone()?.value)
+        attrs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.clone()?.value)
     }
 
     /// service.name -> (process.pid, sorted span names)
-    fn by_service(received: &[Received]) -> BTreeMap<String, (i64, Vec<String>)> {
+    fn by_service(received: &[receiver::Received]) -> BTreeMap<String, (i64, Vec<String>)> {
         let mut out: BTreeMap<String, (i64, Vec<String>)> = BTreeMap::new();
         for rs in received.iter().flat_map(|r| &r.request.resource_spans) {
             let attrs = &rs.resource.as_ref().expect("resource").attributes;
-            let Some(any_value::Value::StringValue(service)) = attr(attrs, "service.name") else {
-                panic!("no service.name in {attrs:?}");
-            };
-            let Some(any_value::Value::IntValue(pid)) = attr(attrs, "process.pid") else {
-                panic!("no process.pid in {attrs:?}");
-            };
+            let Some(any_value::Value::StringValue(service)) = attr(attrs, "service.name") else { panic!("{attrs:?}") };
+            let Some(any_value::Value::IntValue(pid)) = attr(attrs, "process.pid") else { panic!("{attrs:?}") };
             let entry = out.entry(service).or_insert((pid, Vec::new()));
-            assert_eq!(entry.0, pid);
             for ss in &rs.scope_spans {
                 assert_eq!(ss.scope.as_ref().map(|s| s.name.as_str()), Some("zerotel"));
                 entry.1.extend(ss.spans.iter().map(|s| s.name.clone()));
@@ -582,246 +409,135 @@ mod tests {
         out
     }
 
-    async fn wait_for(receiver: &receiver::Receiver, spans: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let count = || -> usize {
-            receiver
-                .received()
-                .iter()
-                .flat_map(|r| &r.request.resource_spans)
-                .flat_map(|rs| &rs.scope_spans)
-                .map(|ss| ss.spans.len())
-                .sum()
-        };
-        while count() < spans {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {spans} spans arrived",
-                count()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    fn exported(c: &ExportCounters) -> u64 {
+        c.exported.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resources_share_a_request_and_headers_arrive() {
+        for protocol in PROTOCOLS {
+            let receiver = start(protocol, Vec::new()).await;
+            let (alpha, beta) = (resource("alpha", 1), resource("beta", 2));
+            let batch = vec![span(&alpha, 1), span(&beta, 2), span(&alpha, 3), span(&Arc::new(Resource::clone(&alpha)), 4)];
+            let counters = export_all(config(protocol, receiver.addr, Duration::from_secs(5)), batch, Duration::from_secs(5)).await;
+
+            let received = receiver.received();
+            assert_eq!(received.len(), 1, "{protocol}: one request");
+            let got = by_service(&received);
+            let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            assert_eq!(got["alpha"], (1, names(&["span-1", "span-3", "span-4"])), "{protocol}");
+            assert_eq!(got["beta"], (2, names(&["span-2"])), "{protocol}");
+            assert!(received[0].headers.contains(&("x-api-key".into(), "s e%cret".into())), "{:?}", received[0].headers);
+            assert_eq!((exported(&counters), counters.dropped.total(), counters.errors.load(Ordering::Relaxed)), (4, 0, 0));
+            assert_eq!(counters.latency.count(), 1);
         }
     }
 
-    async fn two_resources_arrive(protocol: Protocol) {
-        let receiver = match protocol {
-            Protocol::Grpc => receiver::start_grpc().await,
-            Protocol::HttpProtobuf => receiver::start_http().await,
-        };
-        let otlp = config(
-            endpoint(protocol, receiver.addr),
-            protocol,
-            Duration::from_secs(5),
-        );
-        let counters = Arc::new(ExportCounters::default());
-        let (tx, rx) = mpsc::channel(8);
-        let exporter = tokio::spawn(run(
-            ExportConfig {
-                print: false,
-                otlp: Some(otlp),
-            },
-            rx,
-            Arc::clone(&counters),
-        ));
-        let (alpha, beta) = (resource("alpha", 1), resource("beta", 2));
-        // Same content, different allocation: must be the same resource.
-        let alpha_again = Arc::new(Resource::clone(&alpha));
-
-        tx.send(vec![span(&alpha, 1), span(&beta, 2), span(&alpha, 3)])
-            .await
-            .unwrap();
-        // The periodic flush sends these without waiting for more.
-        wait_for(&receiver, 3).await;
-        tx.send(vec![span(&alpha_again, 4), span(&beta, 5)])
-            .await
-            .unwrap();
-        drop(tx);
-        tokio::time::timeout(Duration::from_secs(15), exporter)
-            .await
-            .unwrap()
-            .unwrap();
-
-        let received = receiver.received();
-        let got = by_service(&received);
-        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(got.len(), 2, "{got:?}");
-        assert_eq!(got["alpha"], (1, names(&["span-1", "span-3", "span-4"])));
-        assert_eq!(got["beta"], (2, names(&["span-2", "span-5"])));
-        for r in &received {
-            assert!(
-                r.headers.contains(&("x-api-key".into(), "s e%cret".into())),
-                "{:?}",
-                r.headers
-            );
-            assert_eq!(
-                r.request.resource_spans.len(),
-                1,
-                "one resource per request"
-            );
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_failures_are_retried_until_the_backend_takes_them() {
+        for protocol in PROTOCOLS {
+            // Unavailable with no hint (about 1 s of backoff), then throttled twice with a
+            // zero-delay hint, then accepted.
+            let replies = vec![Reply::Unavailable, Reply::Throttled(Duration::ZERO), Reply::Throttled(Duration::ZERO)];
+            let receiver = start(protocol, replies).await;
+            let started = Instant::now();
+            let counters = export_all(config(protocol, receiver.addr, Duration::from_secs(5)), spans(700), Duration::from_secs(10)).await;
+            assert_eq!(exported(&counters), 700, "{protocol}");
+            assert_eq!(counters.dropped.total(), 0, "{protocol}");
+            assert_eq!(counters.retries.load(Ordering::Relaxed), 3, "{protocol}");
+            assert_eq!(counters.errors.load(Ordering::Relaxed), 3, "{protocol}");
+            assert_eq!(receiver.attempts(), 5, "{protocol}: 2 batches, 3 of the attempts failed");
+            assert_eq!(receiver.spans_accepted(), 700, "{protocol}: every span once");
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(800), "{protocol}: the hintless failure waited out a backoff, took {took:?}");
         }
-        let span_proto = &received[0].request.resource_spans[0].scope_spans[0].spans[0];
-        assert_eq!(
-            span_proto.end_time_unix_nano - span_proto.start_time_unix_nano,
-            1_000_000
-        );
-        assert_eq!(counters.exported.load(Ordering::Relaxed), 5);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 0);
-        assert_eq!(counters.errors.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn grpc_two_resources() {
-        two_resources_arrive(Protocol::Grpc).await;
+    async fn a_refused_request_is_dropped_not_retried() {
+        for protocol in PROTOCOLS {
+            let receiver = start(protocol, vec![Reply::BadRequest]).await;
+            let counters = export_all(config(protocol, receiver.addr, Duration::from_secs(5)), spans(3), Duration::from_secs(5)).await;
+            assert_eq!(counters.dropped.rejected.load(Ordering::Relaxed), 3, "{protocol}");
+            assert_eq!((exported(&counters), counters.retries.load(Ordering::Relaxed)), (0, 0), "{protocol}");
+            assert_eq!(receiver.attempts(), 1, "{protocol}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn http_two_resources() {
-        two_resources_arrive(Protocol::HttpProtobuf).await;
-    }
-
-    /// Runs the exporter against `addr`, returning the counters and how long the flush took.
-    async fn export_to_broken(
-        protocol: Protocol,
-        addr: std::net::SocketAddr,
-    ) -> (Arc<ExportCounters>, Duration) {
-        let otlp = config(
-            endpoint(protocol, addr),
-            protocol,
-            Duration::from_millis(300),
-        );
-        let counters = Arc::new(ExportCounters::default());
-        let (tx, rx) = mpsc::channel(8);
-        let exporter = tokio::spawn(run(
-            ExportConfig {
-                print: false,
-                otlp: Some(otlp),
-            },
-            rx,
-            Arc::clone(&counters),
-        ));
-        let (a, b) = (resource("a", 1), resource("b", 2));
-        tx.send(vec![span(&a, 1), span(&b, 2), span(&a, 3)])
-            .await
-            .unwrap();
-        drop(tx);
-        let started = Instant::now();
-        tokio::time::timeout(Duration::from_secs(10), exporter)
-            .await
-            .unwrap()
-            .unwrap();
-        (counters, started.elapsed())
+    async fn partial_success_is_counted() {
+        for protocol in PROTOCOLS {
+            let receiver = start(protocol, vec![Reply::PartialSuccess(2)]).await;
+            let counters = export_all(config(protocol, receiver.addr, Duration::from_secs(5)), spans(5), Duration::from_secs(5)).await;
+            assert_eq!(exported(&counters), 3, "{protocol}");
+            assert_eq!(counters.dropped.partial_success.load(Ordering::Relaxed), 2, "{protocol}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn failures_are_counted_not_retried() {
-        for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
-            for addr in [
-                receiver::closed_port().await,
-                receiver::start_silent().await,
-            ] {
-                let (counters, took) = export_to_broken(protocol, addr).await;
-                assert_eq!(counters.exported.load(Ordering::Relaxed), 0);
-                assert_eq!(
-                    counters.dropped.load(Ordering::Relaxed),
-                    3,
-                    "{protocol} {addr}"
-                );
-                assert_eq!(
-                    counters.errors.load(Ordering::Relaxed),
-                    2,
-                    "one request per resource"
-                );
-                // Two steps (in flight, rest) of at most the 300 ms timeout each, plus slack.
-                assert!(
-                    took < Duration::from_secs(2),
-                    "{protocol}: flush took {took:?}"
-                );
+    async fn a_dead_backend_costs_the_bound_and_every_span_is_counted() {
+        for protocol in PROTOCOLS {
+            for addr in [receiver::closed_port().await, receiver::start_silent().await] {
+                let mut otlp = config(protocol, addr, Duration::from_millis(300));
+                otlp.queue_size = 1000;
+                let started = Instant::now();
+                let counters = export_all(otlp, spans(1500), Duration::from_secs(1)).await;
+                let took = started.elapsed();
+                assert_eq!(counters.dropped.queue_full.load(Ordering::Relaxed), 500, "{protocol} {addr}");
+                assert_eq!(counters.dropped.shutdown.load(Ordering::Relaxed), 1000, "{protocol} {addr}");
+                assert_eq!(exported(&counters), 0);
+                assert_eq!(counters.queued.load(Ordering::Relaxed), 0, "nothing held after the flush");
+                assert!(counters.errors.load(Ordering::Relaxed) >= 1, "{protocol} {addr}");
+                assert!(took < Duration::from_secs(3), "{protocol} {addr}: the flush timeout bounds shutdown, took {took:?}");
             }
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pending_spans_are_bounded() {
-        let addr = receiver::closed_port().await;
-        let otlp = config(
-            endpoint(Protocol::HttpProtobuf, addr),
-            Protocol::HttpProtobuf,
-            Duration::from_millis(300),
-        );
-        let counters = Arc::new(ExportCounters::default());
-        let mut pipeline = Pipeline::new(&otlp, Arc::clone(&counters), LIMITS).unwrap();
-        let r = resource("r", 1);
-        pipeline.push((0..10_000u32).map(|i| span(&r, i as u8)).collect());
-        // The first 512 are in flight, the rest wait: 8192 held in all.
-        assert_eq!(pipeline.held, LIMITS.max_held);
-        assert_eq!(pipeline.in_flight.len(), 1);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 10_000 - 8192);
-        pipeline.push(vec![span(&r, 1)]);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 10_000 - 8192 + 1);
-        pipeline.shutdown().await;
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 10_001);
-        assert_eq!(counters.errors.load(Ordering::Relaxed), 2);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn exporters_are_bounded_lru() {
-        let addr = receiver::closed_port().await;
-        let otlp = config(
-            endpoint(Protocol::Grpc, addr),
-            Protocol::Grpc,
-            Duration::from_millis(300),
-        );
-        let counters = Arc::new(ExportCounters::default());
-        let limits = Limits {
-            max_exporters: 2,
-            ..LIMITS
-        };
-        let mut pipeline = Pipeline::new(&otlp, Arc::clone(&counters), limits).unwrap();
-        let (r1, r2, r3) = (resource("r1", 1), resource("r2", 2), resource("r3", 3));
-        pipeline.push(vec![span(&r1, 1)]);
-        pipeline.push(vec![span(&r2, 2)]);
-        pipeline.push(vec![span(&r1, 3)]); // r1 is now the most recently used
-        pipeline.push(vec![span(&r3, 4)]);
-        let mut keys: Vec<&String> = pipeline.entries.keys().collect();
-        keys.sort();
-        let mut want = [convert::resource_key(&r1), convert::resource_key(&r3)];
-        want.sort();
-        assert_eq!(keys, want.iter().collect::<Vec<_>>());
-        // The evicted r2 sent its pending span on the way out.
-        assert_eq!(pipeline.in_flight.len(), 1);
-        assert_eq!(pipeline.held, 4);
-        pipeline.shutdown().await;
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 4);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn new_resource_dropped_when_all_exporters_busy() {
+    async fn held_spans_never_exceed_the_queue_size() {
         let addr = receiver::start_silent().await;
-        let otlp = config(
-            endpoint(Protocol::HttpProtobuf, addr),
-            Protocol::HttpProtobuf,
-            Duration::from_millis(300),
-        );
+        let mut otlp = config(Protocol::HttpProtobuf, addr, Duration::from_secs(30));
+        otlp.queue_size = 2048;
         let counters = Arc::new(ExportCounters::default());
-        let limits = Limits {
-            batch: 1,
-            max_exporters: 2,
-            ..LIMITS
-        };
-        let mut pipeline = Pipeline::new(&otlp, Arc::clone(&counters), limits).unwrap();
-        pipeline.push(vec![span(&resource("r1", 1), 1)]);
-        pipeline.push(vec![span(&resource("r2", 2), 2)]);
-        assert_eq!(pipeline.in_flight.len(), 2);
-        pipeline.push(vec![span(&resource("r3", 3), 3)]);
-        assert_eq!(pipeline.entries.len(), 2);
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
-        pipeline.shutdown().await;
-        assert_eq!(counters.dropped.load(Ordering::Relaxed), 3);
+        let mut pipeline = Pipeline::new(&otlp, Arc::clone(&counters)).unwrap();
+        pipeline.push(spans(10_000));
+        assert_eq!(pipeline.held, 2048);
+        assert_eq!(pipeline.tasks.len(), MAX_IN_FLIGHT, "4 full batches in flight");
+        assert_eq!(counters.queued.load(Ordering::Relaxed), 2048);
+        pipeline.push(spans(1));
+        assert_eq!(counters.dropped.queue_full.load(Ordering::Relaxed), 10_000 - 2048 + 1);
+        pipeline.shutdown(Instant::now() + Duration::from_millis(200)).await;
+        assert_eq!(counters.dropped.total(), 10_001);
     }
 
-    #[test]
-    fn http_header_values_survive_sdk_decoding() {
-        let h = http_headers(&[("k".into(), "50%25 off%".into())]);
-        assert_eq!(h["k"], "50%2525 off%25");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backend_that_comes_back_gets_what_was_held() {
+        for protocol in PROTOCOLS {
+            let receiver = start(protocol, vec![Reply::Unavailable; 2]).await;
+            let counters = Arc::new(ExportCounters::default());
+            let (tx, rx) = mpsc::channel(8);
+            let mut otlp = config(protocol, receiver.addr, Duration::from_secs(5));
+            otlp.queue_size = 100;
+            let stage = tokio::spawn(run(
+                ExportConfig { print: false, otlp: Some(otlp), flush_timeout: Duration::from_secs(10) },
+                rx,
+                Arc::clone(&counters),
+            ));
+            // While the first attempts fail, more arrive than the queue holds.
+            for _ in 0..3 {
+                tx.send(spans(60)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while exported(&counters) + counters.dropped.total() < 180 {
+                assert!(Instant::now() < deadline, "{protocol}: {counters:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(tx);
+            stage.await.unwrap();
+            assert_eq!(exported(&counters) + counters.dropped.queue_full.load(Ordering::Relaxed), 180, "{protocol}: {counters:?}");
+            assert_eq!(receiver.spans_accepted(), exported(&counters), "{protocol}");
+            assert!(counters.dropped.queue_full.load(Ordering::Relaxed) >= 80, "{protocol}: {counters:?}");
+        }
     }
 }

@@ -15,7 +15,7 @@ pub enum SpanKind {
     Consumer,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AttrValue {
     Str(Cow<'static, str>),
     Int(i64),
@@ -53,7 +53,7 @@ pub enum SpanStatus {
 }
 
 /// The process a span came from, as OTLP resource attributes (`service.name` always present).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Resource {
     pub attributes: Attributes,
 }
