@@ -19,7 +19,10 @@ use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::export::ExportCounters;
+use crate::{
+    export::ExportCounters,
+    spans::model::{SpanKind, WireProtocol},
+};
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -73,6 +76,27 @@ impl Histogram {
     }
 }
 
+/// Spans made, by kind and protocol.
+#[derive(Debug, Default)]
+pub struct SpanCounters([[Counter; WireProtocol::ALL.len()]; SpanKind::ALL.len()]);
+
+impl SpanCounters {
+    pub fn count(&self, kind: SpanKind, protocol: WireProtocol) {
+        self.0[kind as usize][protocol as usize].inc();
+    }
+
+    fn samples(&self) -> Vec<(String, u64)> {
+        let mut samples = Vec::new();
+        for kind in SpanKind::ALL {
+            for protocol in WireProtocol::ALL {
+                let value = self.0[kind as usize][protocol as usize].get();
+                samples.push((format!("{{kind=\"{}\",protocol=\"{}\"}}", kind.label(), protocol.label()), value));
+            }
+        }
+        samples
+    }
+}
+
 /// Counters of every stage: capture -> assemble -> export.
 #[derive(Default)]
 pub struct Telemetry {
@@ -80,11 +104,10 @@ pub struct Telemetry {
     pub events_read: Counter,
     /// Capture: records that did not decode.
     pub decode_errors: Counter,
-    /// Assemble: spans made, by kind.
-    pub spans_server: Counter,
-    pub spans_client: Counter,
-    pub spans_producer: Counter,
-    pub spans_consumer: Counter,
+    /// Assemble: spans made, by kind and protocol.
+    pub spans: SpanCounters,
+    /// Assemble: PostgreSQL messages that did not parse.
+    pub postgres_malformed: Counter,
     /// Assemble: Kafka frames skipped because the kernel did not capture all their bytes.
     pub kafka_truncated_frames: Counter,
     /// Assemble: times a Kafka connection lost its framing (lost events).
@@ -143,20 +166,24 @@ impl Telemetry {
         };
         counter("zerotel_events_read_total", "Events read from the kernel.", &[("", self.events_read.get())]);
         let lost = self.kernel_counter(zerotel_abi::counters::EVENTS_LOST);
-        counter("zerotel_events_lost_total", "Events the kernel could not queue (ring buffer full).", &[("", lost)]);
+        // One ring buffer today; the label keeps dashboards right if a second one comes.
+        counter("zerotel_events_lost_total", "Events the kernel could not queue, by ring buffer (full).", &[("{ring=\"events\"}", lost)]);
         let failed = self.kernel_counter(zerotel_abi::counters::CAPTURE_FAILED);
         counter("zerotel_capture_failed_total", "Payload reads that failed in the kernel.", &[("", failed)]);
         let traffic = self.kernel_counter(zerotel_abi::counters::TRAFFIC_EVENTS);
         counter("zerotel_kernel_traffic_events_total", "Connection and data events the kernel queued for traced processes.", &[("", traffic)]);
         counter("zerotel_decode_errors_total", "Kernel records that did not decode.", &[("", self.decode_errors.get())]);
+        let spans = self.spans.samples();
+        let spans: Vec<(&str, u64)> = spans.iter().map(|(labels, value)| (labels.as_str(), *value)).collect();
+        counter("zerotel_spans_total", "Spans assembled (sampled ones), by kind and protocol.", &spans);
         counter(
-            "zerotel_spans_total",
-            "Spans assembled, by kind.",
+            "zerotel_parse_errors_total",
+            "Traffic that did not parse, by protocol: an HTTP/1 or Kafka connection that lost its framing, an HTTP/2 connection given up, a PostgreSQL message that is not one.",
             &[
-                ("{kind=\"server\"}", self.spans_server.get()),
-                ("{kind=\"client\"}", self.spans_client.get()),
-                ("{kind=\"producer\"}", self.spans_producer.get()),
-                ("{kind=\"consumer\"}", self.spans_consumer.get()),
+                ("{protocol=\"http\"}", self.http_desyncs.get()),
+                ("{protocol=\"http2\"}", self.http2_desyncs.get()),
+                ("{protocol=\"kafka\"}", self.kafka_desyncs.get()),
+                ("{protocol=\"postgresql\"}", self.postgres_malformed.get()),
             ],
         );
         counter("zerotel_spans_unsampled_total", "Spans of unsampled traces (not exported).", &[("", self.spans_unsampled.get())]);
@@ -169,13 +196,6 @@ impl Telemetry {
             "zerotel_connections_untracked_total",
             "Connections ignored because the connection table was full.",
             &[("", self.connections_untracked.get())],
-        );
-        counter("zerotel_http_desyncs_total", "Times an HTTP/1 connection lost sync.", &[("", self.http_desyncs.get())]);
-        counter("zerotel_kafka_desyncs_total", "Times a Kafka connection lost its framing.", &[("", self.kafka_desyncs.get())]);
-        counter(
-            "zerotel_http2_desyncs_total",
-            "HTTP/2 connections given up: a header block was lost or did not decode.",
-            &[("", self.http2_desyncs.get())],
         );
         counter(
             "zerotel_kafka_truncated_frames_total",
@@ -262,15 +282,17 @@ mod tests {
     #[test]
     fn renders_every_counter() {
         let t = Telemetry::default();
-        t.spans_server.add(3);
+        for _ in 0..3 {
+            t.spans.count(SpanKind::Server, WireProtocol::Http);
+        }
         let text = t.render();
         for name in [
             "zerotel_events_read_total 0",
-            "zerotel_events_lost_total 0",
-            "zerotel_spans_total{kind=\"server\"} 3",
-            "zerotel_spans_total{kind=\"client\"} 0",
-            "zerotel_spans_total{kind=\"producer\"} 0",
-            "zerotel_spans_total{kind=\"consumer\"} 0",
+            "zerotel_events_lost_total{ring=\"events\"} 0",
+            "zerotel_spans_total{kind=\"server\",protocol=\"http\"} 3",
+            "zerotel_spans_total{kind=\"server\",protocol=\"grpc\"} 0",
+            "zerotel_spans_total{kind=\"consumer\",protocol=\"kafka\"} 0",
+            "zerotel_parse_errors_total{protocol=\"postgresql\"} 0",
             "zerotel_spans_exported_total 0",
             "zerotel_spans_dropped_total{reason=\"queue_full\"} 0",
             "zerotel_spans_dropped_total{reason=\"partial_success\"} 0",
@@ -281,6 +303,17 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    /// Every metric is explained in the README's table, so operators need not read code.
+    #[test]
+    fn every_metric_is_documented() {
+        let readme = include_str!("../../README.md");
+        let text = Telemetry::default().render();
+        let names: std::collections::BTreeSet<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        let missing: Vec<&&str> = names.iter().filter(|name| !readme.contains(&format!("`{name}`")) && !readme.contains(&format!("`{name}{{"))).collect();
+        assert!(missing.is_empty(), "metrics missing from README.md: {missing:?}");
     }
 
     #[test]

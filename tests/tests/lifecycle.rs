@@ -61,13 +61,18 @@ fn wait_for_printed_span(agent: &Agent, name: &str) -> PrintedSpan {
     find().expect("line was there a moment ago")
 }
 
-const COUNTERS: [&str; 6] = [
+const COUNTERS: [&str; 11] = [
     "zerotel_events_read_total",
     "zerotel_events_lost_total",
     "zerotel_spans_total",
+    "zerotel_parse_errors_total",
     "zerotel_spans_exported_total",
     "zerotel_spans_dropped_total",
     "zerotel_export_errors_total",
+    "zerotel_export_retries_total",
+    "zerotel_export_queue_spans",
+    "zerotel_export_duration_seconds_count",
+    "zerotel_export_duration_seconds_bucket",
 ];
 
 #[test]
@@ -94,12 +99,14 @@ fn metrics_endpoint_counts_events_and_spans() {
     for counter in COUNTERS {
         assert!(names.iter().any(|n| n == counter), "/metrics lacks {counter}:\n{metrics}");
     }
-    let server_spans = agent.metric_sum_with("zerotel_spans_total", &[("kind", "server")]);
+    let server_spans = agent.metric_sum_with("zerotel_spans_total", &[("kind", "server"), ("protocol", "http")]);
     assert!(server_spans >= requests as u64, "spans_total{{kind=\"server\"}} {server_spans} < {requests}:\n{metrics}");
     assert!(agent.metric_sum("zerotel_events_read_total") > 0, "no events read:\n{metrics}");
     let exported =
         poll_until(Duration::from_secs(5), || agent.metric_sum("zerotel_spans_exported_total") >= requests as u64);
     assert!(exported, "spans_exported_total < {requests} after the receiver got them:\n{}", agent.metrics());
+    assert!(agent.metric_sum("zerotel_export_duration_seconds_count") >= 1, "{}", agent.metrics());
+    assert_eq!(agent.metric_sum("zerotel_parse_errors_total"), 0, "{}", agent.metrics());
 }
 
 #[test]

@@ -87,12 +87,23 @@ pub struct PgConnection {
     portals: Registry,
     /// What the frontend asked that the backend has not answered yet, oldest first.
     queue: VecDeque<Request>,
+    /// Messages that are not PostgreSQL: an unknown type, or a body without its required field.
+    malformed: u64,
 }
+
+/// Message types of protocol 3, by direction (0 is the untyped startup packet).
+const FRONTEND_TYPES: &[u8] = b"\0QPBECSFDHdcfpX";
+const BACKEND_TYPES: &[u8] = b"RKSZTDCEINn123stGHWdcAVv";
 
 impl PgConnection {
     /// The database named in the StartupMessage ("database", else "user", as the server defaults it).
     pub fn database(&self) -> Option<&str> {
         self.database.as_deref()
+    }
+
+    /// Messages seen so far that did not parse as PostgreSQL.
+    pub fn malformed_messages(&self) -> u64 {
+        self.malformed
     }
 
     /// True once the server accepted SSL or GSS encryption: nothing more can be read (the kernel
@@ -111,6 +122,11 @@ impl PgConnection {
             && !message.frontend
             && self.read_encryption_answer(message.kind)
         {
+            return;
+        }
+        let known = if message.frontend { FRONTEND_TYPES } else { BACKEND_TYPES };
+        if !known.contains(&message.kind) {
+            self.malformed += 1;
             return;
         }
         let body = Body::of(message);
@@ -163,7 +179,10 @@ impl PgConnection {
         let query = match body.fields().string() {
             Some(Field::Whole(text)) => SimpleQuery::new(Some(&text_of(text)), false, start_ns),
             Some(Field::Cut(text)) => SimpleQuery::new(Some(&text_of(text)), true, start_ns),
-            None => SimpleQuery::new(None, false, start_ns),
+            None => {
+                self.malformed += 1;
+                SimpleQuery::new(None, false, start_ns)
+            }
         };
         self.enqueue(Request::Query(query));
     }
@@ -171,7 +190,14 @@ impl PgConnection {
     fn read_parse(&mut self, body: Body<'_>, start_ns: u64) {
         let mut fields = body.fields();
         // A name cut by capture is long, so it cannot be the unnamed statement: nothing to update.
-        let Some(Field::Whole(name)) = fields.string() else { return };
+        let name = match fields.string() {
+            Some(Field::Whole(name)) => name,
+            Some(Field::Cut(_)) => return,
+            None => {
+                self.malformed += 1;
+                return;
+            }
+        };
         let text: Option<Arc<str>> = fields.string().map(|query| text_of(query.bytes()).into());
         self.statements.insert(name, text.clone());
         self.enqueue(Request::Parse { name: name.into(), text, start_ns });
@@ -766,6 +792,23 @@ mod tests {
                 done(Some("SELECT 2"), start(5), end(6), Some("SELECT 1"), Some(1)),
             ]
         );
+    }
+
+    #[test]
+    fn malformed_messages_are_counted_and_skipped() {
+        let mut connection = PgConnection::default();
+        let garbage = [
+            Msg::new(true, b'~', b"not postgres".to_vec()),
+            Msg::new(false, b'q', Vec::new()),
+            // A Query and a Parse whose text has no terminator.
+            Msg::new(true, b'Q', b"SELECT".to_vec()),
+            Msg::new(true, b'P', Vec::new()),
+        ];
+        feed(&mut connection, &garbage);
+        assert_eq!(connection.malformed_messages(), 4);
+        let out = feed(&mut connection, &[ready(), query("SELECT 1"), complete("SELECT 1"), ready()]);
+        assert_eq!(out.len(), 1, "a good statement after garbage still counts: {out:?}");
+        assert_eq!(connection.malformed_messages(), 4);
     }
 
     #[test]

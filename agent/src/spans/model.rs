@@ -15,6 +15,59 @@ pub enum SpanKind {
     Consumer,
 }
 
+impl SpanKind {
+    pub const ALL: [SpanKind; 4] = [SpanKind::Server, SpanKind::Client, SpanKind::Producer, SpanKind::Consumer];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SpanKind::Server => "server",
+            SpanKind::Client => "client",
+            SpanKind::Producer => "producer",
+            SpanKind::Consumer => "consumer",
+        }
+    }
+}
+
+/// The protocol a span was made from, as its semantic-convention attributes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireProtocol {
+    Http,
+    Http2,
+    Grpc,
+    Postgresql,
+    Kafka,
+}
+
+impl WireProtocol {
+    pub const ALL: [WireProtocol; 5] =
+        [WireProtocol::Http, WireProtocol::Http2, WireProtocol::Grpc, WireProtocol::Postgresql, WireProtocol::Kafka];
+
+    pub fn of(attributes: &Attributes) -> WireProtocol {
+        let value = |key: &str| attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        if value("rpc.system").is_some() {
+            WireProtocol::Grpc
+        } else if value("db.system.name").is_some() {
+            WireProtocol::Postgresql
+        } else if value("messaging.system").is_some() {
+            WireProtocol::Kafka
+        } else if value("network.protocol.version") == Some(&AttrValue::from("2")) {
+            WireProtocol::Http2
+        } else {
+            WireProtocol::Http
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            WireProtocol::Http => "http",
+            WireProtocol::Http2 => "http2",
+            WireProtocol::Grpc => "grpc",
+            WireProtocol::Postgresql => "postgresql",
+            WireProtocol::Kafka => "kafka",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AttrValue {
     Str(Cow<'static, str>),

@@ -29,7 +29,7 @@ use crate::{
         db::{self, DbSpan, QueryText, SummaryCache},
         http::{describe, http1_version, Endpoint, Exchange},
         messaging::{ConsumerGroups, ProducedIndex, TopicNames},
-        model::{Span, SpanId, SpanKind, SpanLink, TraceId},
+        model::{Span, SpanId, SpanKind, SpanLink, TraceId, WireProtocol},
     },
     telemetry::Telemetry,
 };
@@ -332,7 +332,10 @@ impl Assembler {
             end_ns: head.header.ts_ns,
         };
         let mut statements = Vec::new();
-        conn.postgres.get_or_insert_with(Default::default).push(&message, &mut statements);
+        let postgres = conn.postgres.get_or_insert_with(Default::default);
+        let malformed = postgres.malformed_messages();
+        postgres.push(&message, &mut statements);
+        self.telemetry.postgres_malformed.add(postgres.malformed_messages() - malformed);
         if statements.is_empty() {
             return;
         }
@@ -360,12 +363,7 @@ impl Assembler {
             self.telemetry.spans_unsampled.inc();
             return None;
         }
-        match span.kind {
-            SpanKind::Server => self.telemetry.spans_server.inc(),
-            SpanKind::Client => self.telemetry.spans_client.inc(),
-            SpanKind::Producer => self.telemetry.spans_producer.inc(),
-            SpanKind::Consumer => self.telemetry.spans_consumer.inc(),
-        }
+        self.telemetry.spans.count(span.kind, WireProtocol::of(&span.attributes));
         let link = SpanLink { trace_id: lineage.trace_id, span_id, trace_flags: lineage.flags };
         self.spans.push(Span {
             trace_id: lineage.trace_id,
