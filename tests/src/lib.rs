@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod footprint;
 pub mod grpc;
 pub mod kafka;
 pub mod kube_api;
@@ -16,6 +17,7 @@ pub mod otlp;
 pub mod postgres;
 pub mod print;
 pub mod process;
+pub mod raw_otlp;
 pub mod servers;
 pub mod tls;
 pub mod util;

@@ -10,7 +10,7 @@ use zerotel_abi::{kind, limits::CGROUP_UNRECORDED, ProcessEvent};
 
 use crate::{
     conns::header,
-    maps::{count, is_traced, trace_all, EVENTS, PROCESS_SERVING, TRACED_PIDS},
+    maps::{count, is_traced, trace_all, EVENTS, INJECTED, IN_FLIGHT, PROCESS_SERVING, TLS_CALLS, TLS_LAST_READS, TRACED_PIDS},
 };
 
 /// sched/sched_process_fork: `pid_t parent_pid` at 12, `pid_t child_pid` at 20. The child of a traced
@@ -72,6 +72,7 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     crate::context::thread_ended(pid_tgid);
+    forget_thread(pid_tgid);
     if tid != tgid {
         let _ = TRACED_PIDS.remove(tid);
     }
@@ -88,6 +89,16 @@ pub fn zt_sched_exit(ctx: TracePointContext) -> u32 {
         emit(kind::PROCESS_EXIT);
     }
     0
+}
+
+/// Per-thread state outlives single calls (entries are updated in place), so a thread's exit
+/// is what frees it; the LRU bound is only the backstop for exits this probe missed.
+#[inline(always)]
+fn forget_thread(pid_tgid: u64) {
+    let _ = IN_FLIGHT.remove(&pid_tgid);
+    let _ = INJECTED.remove(&pid_tgid);
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let _ = TLS_LAST_READS.remove(&pid_tgid);
 }
 
 fn emit(event_kind: u32) {
