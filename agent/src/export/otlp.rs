@@ -158,7 +158,10 @@ impl Pipeline {
             return;
         }
         self.paused_until = None;
-        while self.tasks.len() < MAX_IN_FLIGHT {
+        // While the backend fails, one request at a time probes it: a burst would only fail
+        // together and run the backoff up several steps at once.
+        let limit = if self.backoff.failures() > 0 { 1 } else { MAX_IN_FLIGHT };
+        while self.tasks.len() < limit {
             let batch = match self.retries.pop_front() {
                 Some(batch) => batch,
                 None if self.queue.len() >= self.batch_size || (partial && !self.queue.is_empty()) => {
