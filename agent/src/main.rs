@@ -100,12 +100,10 @@ async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Re
         selection if selection.include.is_empty() => Scope::AllExcept,
         _ => Scope::Selected,
     };
-    let (mut probes, maps, propagation_error) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
-    let propagating = config.propagation != probes::Propagation::Off && propagation_error.is_none();
-    telemetry.propagation.store(propagating, std::sync::atomic::Ordering::Relaxed);
-    if let Some(e) = propagation_error {
-        log::warn!("propagation off, tracing goes on without it: {e}");
-    }
+    let (mut probes, maps) = Probes::load_and_attach(scope, config.propagation, config.sampler)?;
+    telemetry.propagation.store(probes.is_attached(probes::ProbeFamily::Propagation), std::sync::atomic::Ordering::Relaxed);
+    *telemetry.probes_attached.lock().unwrap_or_else(|p| p.into_inner()) =
+        probes.families().into_iter().map(|(family, attached)| (family.name(), attached)).collect();
     *telemetry.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps.counters);
 
     let programs_changed = Arc::new(tokio::sync::Notify::new());

@@ -133,6 +133,8 @@ pub struct Telemetry {
     pub ready: AtomicBool,
     /// `traceparent` is being inserted into outgoing requests.
     pub propagation: AtomicBool,
+    /// Each probe family and whether it is attached (`zerotel_probe_attached{probe}`).
+    pub probes_attached: Mutex<Vec<(&'static str, bool)>>,
     /// Discovery: processes selected now, and waiting for their pod's metadata (gauges).
     pub processes_traced: AtomicU64,
     pub processes_pending: AtomicU64,
@@ -237,6 +239,10 @@ impl Telemetry {
         gauge("zerotel_k8s_pods", "Pods of this node known from the Kubernetes API.", self.k8s_pods.load(Ordering::Relaxed));
         gauge("zerotel_k8s_synced", "1 once the first list of this node's pods arrived.", u64::from(self.k8s_synced.load(Ordering::Relaxed)));
         self.export.latency.render(&mut out, "zerotel_export_duration_seconds", "Time from sending an export request to its answer.");
+        let _ = writeln!(out, "# HELP zerotel_probe_attached 1 when the probe family is attached, 0 when it could not be (or is turned off).\n# TYPE zerotel_probe_attached gauge");
+        for (family, attached) in self.probes_attached.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "zerotel_probe_attached{{probe=\"{family}\"}} {}", u64::from(*attached));
+        }
         out
     }
 }
@@ -285,6 +291,7 @@ mod tests {
         for _ in 0..3 {
             t.spans.count(SpanKind::Server, WireProtocol::Http);
         }
+        *t.probes_attached.lock().unwrap() = vec![("syscalls", true), ("propagation", false)];
         let text = t.render();
         for name in [
             "zerotel_events_read_total 0",
@@ -300,6 +307,8 @@ mod tests {
             "zerotel_export_retries_total 0",
             "zerotel_export_queue_spans 0",
             "zerotel_export_duration_seconds_count 0",
+            "zerotel_probe_attached{probe=\"syscalls\"} 1",
+            "zerotel_probe_attached{probe=\"propagation\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,7 +1,11 @@
-//! The kernel side's lifecycle: check what this kernel allows, load, attach, detach.
-//! Dropping [`Probes`] detaches every program (aya owns the links).
+//! The kernel side's lifecycle: check what this kernel and these privileges allow, load, attach,
+//! detach. Dropping [`Probes`] detaches every program (aya owns the links). The probes come in
+//! families ([`ProbeFamily`]) that attach on their own: the syscall tracepoints are the capture
+//! itself and must attach; TLS and propagation are given up, with a log line, when they cannot.
 
+mod object;
 mod offsets;
+pub mod privileges;
 mod tls;
 
 pub use tls::RESCAN as TLS_RESCAN;
@@ -18,14 +22,23 @@ use zerotel_abi::{names, ConnState, InFlight, Sampler};
 /// Why the probes could not run here, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// The agent lacks the privileges to load eBPF programs.
-    #[error("zerotel needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root, or in a privileged container")]
-    NotPrivileged,
+    /// The agent's effective set lacks capabilities it needs.
+    #[error("{}", privileges::describe_missing(.0))]
+    MissingCapabilities(Vec<privileges::Capability>),
+    /// /proc/self/status could not be read for the capability sets.
+    #[error("reading this process's capabilities from /proc/self/status: {0}")]
+    ReadCapabilities(std::io::Error),
+    /// The capabilities are there, yet the kernel refused to create the maps.
+    #[error("the kernel refused to create the eBPF maps ({0}) although zerotel has CAP_BPF: a seccomp profile or LSM that blocks bpf(2) (container runtimes' defaults do: run with seccomp Unconfined), or on kernels before 5.11 a RLIMIT_MEMLOCK too low for the maps")]
+    MapsRefused(std::io::Error),
+    /// RLIMIT_MEMLOCK could not be lifted on a kernel that charges maps to it.
+    #[error("raising RLIMIT_MEMLOCK for the eBPF maps (kernels before 5.11 charge maps to it): {0}")]
+    Memlock(std::io::Error),
     /// The kernel's BTF is missing or lacks a field the programs read.
     #[error("kernel BTF: {0} (zerotel needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     Btf(String),
     /// Tracepoints are unreachable because tracefs could not be mounted.
-    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed: {0}")]
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed: {0}. Mount it (`mount -t tracefs tracefs {TRACEFS}`; on Kubernetes the DaemonSet's hostPath volume does), or give zerotel CAP_SYS_ADMIN to mount it itself")]
     Tracefs(std::io::Error),
     /// The kernel rejected the object file.
     #[error("loading the eBPF object failed: {0}")]
@@ -105,6 +118,30 @@ pub enum Scope {
     All,
 }
 
+/// Probes that load and attach together, and fail together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeFamily {
+    /// Syscall and scheduler tracepoints: the capture itself (required).
+    Syscalls,
+    /// OpenSSL uprobes: the plaintext of TLS connections.
+    Tls,
+    /// sock_ops, sk_msg and sk_skb: trace context into outgoing requests and TCP options.
+    Propagation,
+}
+
+impl ProbeFamily {
+    pub const ALL: [Self; 3] = [Self::Syscalls, Self::Tls, Self::Propagation];
+
+    /// Its name in logs and in `zerotel_probe_attached{probe}`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Syscalls => "syscalls",
+            Self::Tls => "tls",
+            Self::Propagation => "propagation",
+        }
+    }
+}
+
 /// Loaded and attached kernel programs.
 pub struct Probes {
     /// Taken on drop so the programs detach before tracefs is unmounted.
@@ -116,6 +153,8 @@ pub struct Probes {
     /// The traced tasks, read for the TLS rescan (another handle on TRACED_PIDS); None when
     /// every process is traced.
     traced_tasks: Option<BpfHashMap<MapData, u32, u64>>,
+    /// The propagation programs are attached.
+    propagating: bool,
 }
 
 /// The maps userspace works with, taken out of the object.
@@ -130,28 +169,27 @@ pub struct KernelMaps {
 }
 
 impl Probes {
-    /// Can the probes run here? Returns why not.
-    pub fn check() -> Result<(), ProbeError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(ProbeError::NotPrivileged);
+    /// Can the probes run here? Returns why not: the capabilities missing from the effective set
+    /// (being root is neither needed nor enough: a container's root may lack them), or BTF.
+    pub fn check() -> Result<privileges::Effective, ProbeError> {
+        let effective = privileges::Effective::of_this_process().map_err(ProbeError::ReadCapabilities)?;
+        let missing = effective.missing(&privileges::required_here());
+        if !missing.is_empty() {
+            return Err(ProbeError::MissingCapabilities(missing));
         }
         if !Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(ProbeError::Btf("/sys/kernel/btf/vmlinux not found".into()));
         }
-        Ok(())
+        Ok(effective)
     }
 
     /// Load the object with the kernel offsets and scope baked in, attach every hook. Propagation
-    /// is attached when asked and possible; when not, tracing goes on without it (the returned
-    /// error says why).
-    pub fn load_and_attach(
-        scope: Scope,
-        propagation: Propagation,
-        sampler: Sampler,
-    ) -> Result<(Self, KernelMaps, Option<ProbeError>), ProbeError> {
-        let propagate = propagation != Propagation::Off;
-        Self::check()?;
+    /// and TLS are attached when asked and possible; when not, tracing goes on without them (one
+    /// log line each says why, and [`Probes::families`] reports them).
+    pub fn load_and_attach(scope: Scope, propagation: Propagation, sampler: Sampler) -> Result<(Self, KernelMaps), ProbeError> {
+        let effective = Self::check()?;
+        privileges::lift_memlock_limit().map_err(ProbeError::Memlock)?;
+        let (propagate, mut propagation_error) = propagation_allowed(propagation, effective);
         let mounted_tracefs = mount_tracefs()?;
         let offsets = offsets::resolve()?;
         let trace_all = u8::from(matches!(scope, Scope::All));
@@ -164,30 +202,48 @@ impl Probes {
             .override_global(names::AGENT_PID, &agent_pid, true)
             .override_global(names::PROPAGATE, &u8::from(propagate), true)
             .override_global(names::SAMPLER, &sampler, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotel")))
+            .load(object::with_propagation(propagate).bytes())
             .map_err(|e| match e {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
                     if io_error.raw_os_error() == Some(libc::EPERM) =>
                 {
-                    ProbeError::NotPrivileged
+                    ProbeError::MapsRefused(io_error)
                 }
                 other => ProbeError::Load(other),
             })?;
         verify_in_parallel(&mut ebpf, propagate);
         attach_all(&mut ebpf)?;
-        let propagation_error = if propagate { attach_propagation(&mut ebpf, propagation).err() } else { None };
-        let tls = tls::TlsProbes::load(&mut ebpf)
-            .inspect_err(|e| log::warn!("TLS tracing off (OpenSSL uprobes): {e}"))
-            .ok();
+        if propagate {
+            propagation_error = attach_propagation(&mut ebpf, propagation).err();
+        }
+        let propagating = propagate && propagation_error.is_none();
+        if let Some(e) = &propagation_error {
+            log_family_off(ProbeFamily::Propagation, e);
+        }
+        let tls = tls::TlsProbes::load(&mut ebpf).inspect_err(|e| log_family_off(ProbeFamily::Tls, e)).ok();
         let traced_tasks = match scope {
             Scope::Selected => Some(second_handle(&ebpf, names::TRACED_PIDS)?),
             Scope::AllExcept | Scope::All => None,
         };
         let mut maps = take_maps(&mut ebpf)?;
-        if propagate && propagation_error.is_none() {
+        if propagating {
             maps.inject_socks = Some(take(&mut ebpf, names::INJECT_SOCKS)?);
         }
-        Ok((Self { ebpf: Some(ebpf), mounted_tracefs, tls, traced_tasks }, maps, propagation_error))
+        Ok((Self { ebpf: Some(ebpf), mounted_tracefs, tls, traced_tasks, propagating }, maps))
+    }
+
+    /// Each probe family and whether it is attached.
+    pub fn families(&self) -> Vec<(ProbeFamily, bool)> {
+        ProbeFamily::ALL.into_iter().map(|family| (family, self.is_attached(family))).collect()
+    }
+
+    pub fn is_attached(&self, family: ProbeFamily) -> bool {
+        match family {
+            // Loading fails as a whole when the tracepoints do not attach.
+            ProbeFamily::Syscalls => self.ebpf.is_some(),
+            ProbeFamily::Tls => self.tls.is_some(),
+            ProbeFamily::Propagation => self.propagating,
+        }
     }
 
     /// Attach the OpenSSL uprobes to what traced processes map now (see `tls`): once the traced
@@ -215,6 +271,20 @@ impl Drop for Probes {
                 unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
             }
         }
+    }
+}
+
+fn log_family_off(family: ProbeFamily, error: &ProbeError) {
+    log::warn!("{} probes off, tracing goes on without them: {error}", family.name());
+}
+
+/// Whether to try propagation: asked for, and CAP_NET_ADMIN there (without it the sockhash cannot
+/// even be created; the error says so, to log).
+fn propagation_allowed(mode: Propagation, effective: privileges::Effective) -> (bool, Option<ProbeError>) {
+    match mode {
+        Propagation::Off => (false, None),
+        _ if effective.has(privileges::NET_ADMIN) => (true, None),
+        _ => (false, Some(ProbeError::MissingCapabilities(vec![privileges::NET_ADMIN]))),
     }
 }
 
@@ -394,14 +464,17 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-/// A handle of our own on a map the object keeps (or hands to another part of the agent).
+/// A handle of our own on a map the object keeps (or hands to another part of the agent): a
+/// duplicate of its fd, not a look-up by id, which the kernel allows only with CAP_SYS_ADMIN.
 fn second_handle<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &Ebpf, name: &'static str) -> Result<T, ProbeError> {
+    use std::os::fd::AsFd as _;
     let missing = || ProbeError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } };
-    let id = match ebpf.map(name).ok_or_else(missing)? {
-        aya::maps::Map::HashMap(data) => data.info().map_err(|source| ProbeError::Map { name, source })?.id(),
+    let fd = match ebpf.map(name).ok_or_else(missing)? {
+        aya::maps::Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned(),
         _ => return Err(missing()),
     };
-    let data = MapData::from_id(id).map_err(|source| ProbeError::Map { name, source })?;
+    let fd = fd.map_err(|e| ProbeError::Map { name, source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }) })?;
+    let data = MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })?;
     T::try_from(aya::maps::Map::HashMap(data)).map_err(|source| ProbeError::Map { name, source })
 }
 
