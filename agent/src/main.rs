@@ -90,6 +90,8 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 }
 
 async fn run(config: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    // First: a second agent must say so, not fail on the listener or attach probes twice.
+    let _one_agent = probes::InstanceLock::acquire(&config.lock_file)?;
     let telemetry = Arc::new(Telemetry::default());
     let listener = telemetry::bind(config.listen).await?;
     let server = tokio::spawn(telemetry::serve(listener, telemetry.clone()));

@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub print: Option<bool>,
     pub shutdown_timeout: Option<u64>,
     pub export_queue_size: Option<usize>,
+    pub lock_file: Option<PathBuf>,
     /// auto (when a node name is known), on or off.
     pub kubernetes: Option<String>,
     pub node_name: Option<String>,

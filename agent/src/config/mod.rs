@@ -74,6 +74,10 @@ pub struct Cli {
     /// counted. Overrides OTEL_BSP_MAX_QUEUE_SIZE [default: 8192].
     #[arg(long, value_name = "SPANS", env = "ZEROTEL_EXPORT_QUEUE_SIZE")]
     pub export_queue_size: Option<usize>,
+    /// The one-agent-per-host lock: a second agent holding the same file refuses to start
+    /// [default: /run/zerotel.lock].
+    #[arg(long, value_name = "PATH", env = "ZEROTEL_LOCK_FILE")]
+    pub lock_file: Option<PathBuf>,
     /// Longest wait for pending spans to be exported on SIGINT/SIGTERM, in seconds [default: 5].
     #[arg(long, value_name = "SECONDS", env = "ZEROTEL_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -138,6 +142,7 @@ pub struct Config {
     pub export: ExportConfig,
     pub listen: SocketAddr,
     pub shutdown_timeout: Duration,
+    pub lock_file: PathBuf,
     /// None: no pod metadata (not on Kubernetes, or turned off).
     pub kubernetes: Option<KubeSettings>,
     /// The user's rules use Kubernetes keys: without the API they would select or exclude wrongly.
@@ -190,6 +195,7 @@ impl Config {
             export: ExportConfig { print, otlp, flush_timeout: flush_timeout(shutdown_timeout) },
             listen: cli.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9464))),
             shutdown_timeout,
+            lock_file: cli.lock_file.clone().or(file.lock_file.clone()).unwrap_or_else(|| crate::probes::DEFAULT_LOCK_FILE.into()),
             kubernetes,
             kubernetes_required,
             check_only: cli.check_config,

@@ -3,11 +3,13 @@
 //! families ([`ProbeFamily`]) that attach on their own: the syscall tracepoints are the capture
 //! itself and must attach; TLS and propagation are given up, with a log line, when they cannot.
 
+mod instance_lock;
 mod object;
 mod offsets;
 pub mod privileges;
 mod tls;
 
+pub use instance_lock::{InstanceLock, DEFAULT_PATH as DEFAULT_LOCK_FILE};
 pub use tls::RESCAN as TLS_RESCAN;
 
 use std::{ffi::CString, path::Path};
