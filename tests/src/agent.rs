@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::otlp::OtlpReceiver;
-use crate::process::{collect_pipe, spawn, terminate, wait_with_timeout};
+use crate::process::{collect_pipe, send_signal, spawn, terminate, wait_with_timeout};
 use crate::util::{free_port, http_get, TempDir};
 
 /// How long the agent may take to attach its probes (/healthz 200).
@@ -49,13 +49,32 @@ pub fn agent_binary() -> PathBuf {
 fn agent_command(args: &[String]) -> Command {
     let mut command = Command::new(agent_binary());
     command.args(args);
-    for var in INHERITED_SETTINGS {
-        command.env_remove(var);
-    }
+    remove_inherited_settings(&mut command);
     command
 }
 
-/// `--pid P` for each pid.
+fn remove_inherited_settings(command: &mut Command) {
+    for var in INHERITED_SETTINGS {
+        command.env_remove(var);
+    }
+}
+
+/// The capabilities the README and deploy/overlays/capabilities list, as capabilities(7) names
+/// them without `CAP_`: with exactly these the agent traces everything it can as root.
+pub const LISTED_CAPABILITIES: [&str; 5] = ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"];
+
+/// The agent binary with `args`, run as root with exactly `capabilities` (names as in
+/// [`LISTED_CAPABILITIES`]): `setpriv` empties the bounding and inheritable sets of all others
+/// before it executes the agent, as a container runtime does with `capabilities.drop: [ALL]`.
+fn agent_command_with_capabilities(capabilities: &[&str], args: &[String]) -> Command {
+    let set: Vec<String> = std::iter::once("-all".to_owned()).chain(capabilities.iter().map(|c| format!("+{}", c.to_lowercase()))).collect();
+    let set = set.join(",");
+    let mut command = Command::new("setpriv");
+    command.args(["--inh-caps", &set, "--bounding-set", &set, "--"]).arg(agent_binary()).args(args);
+    remove_inherited_settings(&mut command);
+    command
+}
+
 /// `--pid` args plus `--propagation on`: for tests of the injection itself, whose applications do
 /// not size reads with FIONREAD (the agent keeps propagation off by default on kernels whose
 /// sockmap breaks it, this one included).
@@ -65,6 +84,7 @@ pub fn propagating_pid_args(pids: &[u32]) -> Vec<String> {
     args
 }
 
+/// `--pid P` for each pid.
 pub fn pid_args(pids: &[u32]) -> Vec<String> {
     pids.iter().flat_map(|pid| ["--pid".to_string(), pid.to_string()]).collect()
 }
@@ -85,10 +105,19 @@ impl Agent {
 
     /// As [`Agent::start`], with extra environment variables for the agent (e.g. the sampler).
     pub fn start_with_env(args: &[String], otlp: Option<&OtlpReceiver>, env: &[(&str, &str)]) -> Agent {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let logs = TempDir::new("agent");
         let mut command = agent_command(args);
         command.envs(env.iter().copied());
+        Agent::launch(command, otlp)
+    }
+
+    /// As [`Agent::start`], as root with exactly `capabilities` (see [`LISTED_CAPABILITIES`]).
+    pub fn start_with_capabilities(capabilities: &[&str], args: &[String], otlp: Option<&OtlpReceiver>) -> Agent {
+        Agent::launch(agent_command_with_capabilities(capabilities, args), otlp)
+    }
+
+    fn launch(mut command: Command, otlp: Option<&OtlpReceiver>) -> Agent {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let logs = TempDir::new("agent");
         command.arg("--listen").arg(listen.to_string());
         if let Some(otlp) = otlp {
             command.args(["--otlp-endpoint", &otlp.endpoint(), "--otlp-protocol", otlp.protocol_flag()]);
@@ -151,6 +180,13 @@ impl Agent {
         sum_samples(&parse_metrics(&self.metrics()), name, labels)
     }
 
+    /// SIGKILL, as the OOM killer or a node's eviction would: no chance to clean up.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        send_signal(child.id(), libc::SIGKILL);
+        child.wait().expect("wait for the killed agent")
+    }
+
     /// SIGTERM, then waits up to [`STOP_TIMEOUT`]; panics if the agent had to be killed.
     pub fn stop(self) -> ExitStatus {
         self.stop_with_output().status
@@ -203,6 +239,15 @@ pub fn run_until_exit(args: &[String], timeout: Duration) -> Output {
 pub fn run_until_exit_with_env(args: &[String], env: &[(&str, &str)], timeout: Duration) -> Output {
     let mut command = agent_command(args);
     command.envs(env.iter().copied());
+    run_command_until_exit(command, args, timeout)
+}
+
+/// As [`run_until_exit`], as root with exactly `capabilities` (see [`LISTED_CAPABILITIES`]).
+pub fn run_with_capabilities_until_exit(capabilities: &[&str], args: &[String], timeout: Duration) -> Output {
+    run_command_until_exit(agent_command_with_capabilities(capabilities, args), args, timeout)
+}
+
+fn run_command_until_exit(mut command: Command, args: &[String], timeout: Duration) -> Output {
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = spawn(&mut command, "zerotel agent");
     let stdout = collect_pipe(child.stdout.take().expect("piped stdout"));

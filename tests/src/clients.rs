@@ -328,8 +328,9 @@ def get(path):
 
 
 get(sys.argv[2])
-sys.stdin.readline()
-get(sys.argv[3])
+for path in sys.argv[3:]:
+    sys.stdin.readline()
+    get(path)
 "#;
 
 /// One response on a [`KeepAliveClient`]'s connection.
@@ -340,8 +341,8 @@ pub struct KeepAliveResponse {
     pub local_port: Option<u16>,
 }
 
-/// An untraced Python `http.client` connection: one GET right away, a second
-/// GET on the same connection when asked.
+/// A Python `http.client` connection: one GET right away, each next GET on the same connection
+/// when asked.
 pub struct KeepAliveClient {
     script: ScriptProcess,
 }
@@ -349,9 +350,15 @@ pub struct KeepAliveClient {
 impl KeepAliveClient {
     /// Connects to 127.0.0.1:`port`, GETs `first_path`, and returns its response.
     pub fn connect(port: u16, first_path: &str, second_path: &str) -> (KeepAliveClient, KeepAliveResponse) {
+        KeepAliveClient::connect_for(port, &[first_path, second_path])
+    }
+
+    /// Connects to 127.0.0.1:`port`, GETs `paths[0]`, and returns its response; the other paths
+    /// are sent in order by [`KeepAliveClient::send_next`].
+    pub fn connect_for(port: u16, paths: &[&str]) -> (KeepAliveClient, KeepAliveResponse) {
         let dir = TempDir::new("keepalive-client");
         dir.write("keepalive.py", KEEP_ALIVE_CLIENT);
-        let args = [port.to_string(), first_path.to_string(), second_path.to_string()];
+        let args: Vec<String> = std::iter::once(port.to_string()).chain(paths.iter().map(|p| p.to_string())).collect();
         let script = ScriptProcess::spawn(python_interpreter(), dir, "keepalive.py", &args, &[]);
         let client = KeepAliveClient { script };
         let first = client.read_response();
@@ -360,8 +367,17 @@ impl KeepAliveClient {
 
     /// Sends the second GET on the same connection and returns its response.
     pub fn send_second(&mut self) -> KeepAliveResponse {
+        self.send_next()
+    }
+
+    /// Sends the next GET on the same connection and returns its response.
+    pub fn send_next(&mut self) -> KeepAliveResponse {
         self.script.send_line("go");
         self.read_response()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.script.pid()
     }
 
     fn read_response(&self) -> KeepAliveResponse {

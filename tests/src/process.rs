@@ -172,6 +172,38 @@ impl ScriptProcess {
         env: &[(&str, &str)],
         cgroup: Option<&std::path::Path>,
     ) -> ScriptProcess {
+        ScriptProcess::spawn_with(interpreter, dir, script_name, args, env, |command| {
+            if let Some(cgroup) = cgroup {
+                join_cgroup_before_exec(command, cgroup);
+            }
+        })
+    }
+
+    /// As [`ScriptProcess::spawn`], as user `uid` and group `gid` (no supplementary groups):
+    /// `interpreter` and the script's dir must be theirs to read.
+    pub fn spawn_as_user(
+        interpreter: &std::path::Path,
+        dir: crate::util::TempDir,
+        script_name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        (uid, gid): (u32, u32),
+    ) -> ScriptProcess {
+        use std::os::unix::process::CommandExt;
+        ScriptProcess::spawn_with(interpreter, dir, script_name, args, env, |command| {
+            // Command drops supplementary groups itself when root sets a uid.
+            command.uid(uid).gid(gid);
+        })
+    }
+
+    fn spawn_with(
+        interpreter: &std::path::Path,
+        dir: crate::util::TempDir,
+        script_name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> ScriptProcess {
         let what = format!("{} {script_name}", interpreter.display());
         let stderr_path = dir.join("stderr.log");
         let stderr =
@@ -185,9 +217,7 @@ impl ScriptProcess {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr);
-        if let Some(cgroup) = cgroup {
-            join_cgroup_before_exec(&mut command, cgroup);
-        }
+        prepare(&mut command);
         let mut child = spawn(&mut command, &what);
         let stdin = child.stdin.take();
         let stdout = LineReader::new(child.stdout.take().expect("piped stdout"), &what);

@@ -11,6 +11,9 @@ use crate::util::{free_port, poll_until, port_is_open, TempDir};
 /// How long a server may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The distribution's Python, which every user may run.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 /// The real Python 3 executable behind `python3` on PATH (resolving pyenv
 /// shims and symlinks), so the traced pid runs exactly this file.
 pub fn python_interpreter() -> &'static Path {
@@ -172,6 +175,19 @@ impl PyServer {
         let port = wait_for_ready_port(&script);
         let tls = env.iter().any(|(name, _)| *name == "ZT_TLS_CERT");
         PyServer { script, port, scheme: if tls { "https" } else { "http" } }
+    }
+
+    /// Like [`PyServer::start_with_env`], as user `uid` and group `gid`, run by the system's
+    /// Python (pyenv's lives under /root, which they cannot enter): a service of another user,
+    /// whose /proc/PID entries a root agent reads only with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH.
+    pub fn start_as_user(script_name: &str, env: &[(&str, &str)], user: (u32, u32)) -> PyServer {
+        let dir = TempDir::new("pyserver");
+        dir.write(script_name, PY_SERVER);
+        let python = Path::new(SYSTEM_PYTHON);
+        assert!(python.is_file(), "{SYSTEM_PYTHON} is missing: apt-get install python3");
+        let script = ScriptProcess::spawn_as_user(python, dir, script_name, &["0".to_string()], env, user);
+        let port = wait_for_ready_port(&script);
+        PyServer { script, port, scheme: "http" }
     }
 
     pub fn pid(&self) -> u32 {

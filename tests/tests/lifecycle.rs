@@ -1,5 +1,5 @@
 //! Agent lifecycle: process discovery by executable, `--print`, /metrics,
-//! SIGTERM flushing, argument errors, and connections older than the agent.
+//! SIGTERM flushing, argument errors, connections older than the agent, and restarts.
 
 use std::thread;
 use std::time::Duration;
@@ -9,7 +9,9 @@ use zerotel_tests::clients::KeepAliveClient;
 use zerotel_tests::print::{parse_print_output, PrintedSpan};
 use zerotel_tests::servers::python_interpreter;
 use zerotel_tests::util::{free_port, poll_until};
-use zerotel_tests::{curl, pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer, SpanKind, SPAN_TIMEOUT};
+use zerotel_tests::{
+    curl, describe, pid_args, propagating_pid_args, require_kernel, Agent, OtlpReceiver, Protocol, PyServer, SpanKind, SPAN_TIMEOUT,
+};
 
 #[test]
 fn exe_selector_traces_processes_started_after_the_agent() {
@@ -171,4 +173,51 @@ fn keep_alive_connection_opened_before_the_agent_is_traced() {
     assert_eq!(span.attr_str("client.address"), Some("127.0.0.1"), "span:\n  {span}");
     let client_port = second.local_port.map(i64::from);
     assert_eq!(span.attr_int("network.peer.port"), client_port, "peer is the client's socket; span:\n  {span}");
+}
+
+/// A restart (rolling update, crash loop): agent A traces a keep-alive connection, with the
+/// client's socket in A's sockhash for propagation; A stops, the connection goes on untraced and
+/// unharmed; agent B finds it in procfs and traces its next request, `traceparent` included.
+#[test]
+fn a_restarted_agent_resumes_tracing_a_keep_alive_connection() {
+    if !require_kernel() {
+        return;
+    }
+    let server = PyServer::start("backend.py");
+    let paths = ["/users/61", "/users/62", "/users/63", "/users/64"];
+    let (mut client, first) = KeepAliveClient::connect_for(server.port(), &paths);
+    assert_eq!(first.status, 200, "first response: {first:?}");
+    let receiver = OtlpReceiver::start(Protocol::Grpc);
+    let (server_pid, client_pid) = (server.pid(), client.pid());
+    let args = propagating_pid_args(&[server_pid, client_pid]);
+
+    let agent_a = Agent::start(&args, Some(&receiver));
+    let by_a = client.send_next();
+    assert_traced_with_context(&receiver, (server_pid, client_pid), paths[1], "agent A");
+    let exit = agent_a.stop_with_output();
+    assert!(exit.status.success(), "agent A exited with {}", exit.status);
+
+    let between = client.send_next();
+    let agent_b = Agent::start(&args, Some(&receiver));
+    let by_b = client.send_next();
+    assert_traced_with_context(&receiver, (server_pid, client_pid), paths[3], "agent B");
+    drop(agent_b);
+
+    for response in [by_a, between, by_b] {
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.local_port, first.local_port, "every request must use the first connection: {response:?}");
+    }
+    let untraced: Vec<_> = receiver.spans().into_iter().filter(|s| s.attr_str("url.path") == Some(paths[2])).collect();
+    assert!(untraced.is_empty(), "a span for the request sent while no agent ran:\n{}", describe(&untraced));
+}
+
+/// The SERVER and CLIENT spans of `path` arrived, the server's a child of the client's.
+fn assert_traced_with_context(receiver: &OtlpReceiver, (server_pid, client_pid): (u32, u32), path: &str, by: &str) {
+    let server = receiver.wait_for_span(|s| s.is(SpanKind::Server, server_pid, path), SPAN_TIMEOUT);
+    let client = receiver.wait_for_span(|s| s.is(SpanKind::Client, client_pid, path), SPAN_TIMEOUT);
+    assert_eq!(
+        (&server.trace_id, &server.parent_span_id),
+        (&client.trace_id, &client.span_id),
+        "{by}: the server span of {path} must continue the client's injected context:\n  {client}\n  {server}"
+    );
 }
