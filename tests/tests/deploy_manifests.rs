@@ -8,7 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use zerotel_tests::{agent::run_until_exit_with_env, util::TempDir};
+use zerotel_tests::{
+    agent::{run_until_exit_with_env, LISTED_CAPABILITIES},
+    util::TempDir,
+};
 
 /// Kubernetes versions validated against: the oldest supported one and the newest 1.33.x
 /// schema kubernetes-validate ships.
@@ -201,6 +204,7 @@ fn base_daemonset_has_what_the_agent_needs() {
         "/sys/kernel/btf",
         "/sys/fs/cgroup",
         "/sys/fs/bpf",
+        "/run/zerotel.lock",
     ] {
         let mount = format!("mountPath: {path}");
         assert!(
@@ -286,20 +290,20 @@ fn overlays_change_what_they_say() {
         ds.contains("privileged: false") && !ds.contains("privileged: true"),
         "{ds}"
     );
-    for cap in [
-        "BPF",
-        "PERFMON",
-        "NET_ADMIN",
-        "SYS_ADMIN",
-        "SYS_PTRACE",
-        "SYS_RESOURCE",
-        "DAC_READ_SEARCH",
-    ] {
-        assert!(
-            ds.contains(&format!("- {cap}\n")),
-            "capabilities overlay lacks {cap}:\n{ds}"
-        );
-    }
+    // Exactly the list the agent is tested with (tests/tests/privilege.rs), nothing more.
+    let mut added = block_after(ds, "add:", 16)
+        .into_iter()
+        .map_while(|line| line.strip_prefix("- "))
+        .collect::<Vec<_>>();
+    added.sort_unstable();
+    let mut listed = LISTED_CAPABILITIES.to_vec();
+    listed.sort_unstable();
+    assert_eq!(added, listed, "capabilities the overlay adds:\n{ds}");
+    assert_eq!(block_after(ds, "drop:", 1), ["- ALL"], "the overlay drops every other capability:\n{ds}");
+    assert!(
+        ds.contains("allowPrivilegeEscalation: false"),
+        "without SYS_ADMIN the overlay can forbid privilege escalation:\n{ds}"
+    );
 
     let otel = render("deploy/overlays/otel-collector");
     let ds = document(&otel, "DaemonSet");
