@@ -34,7 +34,7 @@ fn root_command(exe: &Path) -> Result<Command> {
         return Ok(Command::new(exe));
     }
     let Some(sudo) = find_cmd("sudo") else {
-        bail!("zerotel needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN): run as root or with sudo");
+        bail!("zerotel needs CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and, for propagation, CAP_NET_ADMIN (root has them): run as root or with sudo");
     };
     let mut cmd = Command::new(sudo);
     cmd.arg("-E").arg(exe);
