@@ -16,3 +16,6 @@ pub mod probes;
 mod protocols;
 pub mod spans;
 pub mod telemetry;
+
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
