@@ -1,20 +1,6 @@
-//! zerotel: zero-code distributed tracing from the kernel.
-//!
-//! Pipeline: kernel hooks -> capture (ring buffer) -> assemble (connections, HTTP, spans, process
-//! metadata) -> export (OTLP or console), stages joined by bounded queues.
+//! zerotel's agent binary: starts the pipeline the library's stages make (see lib.rs).
 
-mod capture;
-mod clock;
-mod config;
-mod conn;
-mod context;
-mod discovery;
-mod export;
-mod kubernetes;
-mod probes;
-mod protocols;
-mod spans;
-mod telemetry;
+use zerotel::{capture, config, discovery, export, kubernetes, probes, spans, telemetry};
 
 use std::{process::ExitCode, sync::Arc};
 

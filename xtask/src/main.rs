@@ -1,7 +1,8 @@
-//! zerotel's developer tasks: `cargo xtask <setup|build|run|test|bench>` (alias in .cargo/config.toml).
+//! zerotel's developer tasks: `cargo xtask <setup|build|run|test|fuzz|bench>` (alias in .cargo/config.toml).
 
 mod bench;
 mod cargo_cmd;
+mod fuzz;
 mod run;
 mod setup;
 mod signals;
@@ -47,10 +48,16 @@ enum Cmd {
     /// Unit tests, then the integration tests against the built agent:
     /// `cargo xtask test [-- CARGO_TEST_ARGS [-- TEST_BINARY_ARGS]]`.
     Test {
+        /// Seconds each fuzz target runs between the unit and integration tests (0: none).
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        fuzz_seconds: u64,
         /// Passed to both `cargo test` runs; after a second `--`, to the test binaries.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the cargo-fuzz targets of the parsers (nightly; installs cargo-fuzz on first use):
+    /// `cargo xtask fuzz [TARGET...] [--seconds N]`.
+    Fuzz(fuzz::FuzzArgs),
     /// Traced-vs-untraced benchmarks (root): `cargo xtask bench [NAME...] [--rounds N] ...`.
     Bench(bench::BenchArgs),
 }
@@ -75,7 +82,8 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Run { release, args } => run::run(release, &args),
-        Cmd::Test { args } => test::run(&args),
+        Cmd::Test { fuzz_seconds, args } => test::run(fuzz_seconds, &args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Bench(args) => bench::run(args).map(|()| 0),
     }
 }
@@ -92,15 +100,32 @@ mod tests {
 
     #[test]
     fn trailing_args_keep_inner_separator() {
-        let Cmd::Test { args } = parse(&["test", "--", "spans", "--", "--nocapture"]) else {
+        let Cmd::Test { fuzz_seconds, args } = parse(&["test", "--", "spans", "--", "--nocapture"])
+        else {
             panic!()
         };
         assert_eq!(args, ["spans", "--", "--nocapture"]);
+        assert_eq!(fuzz_seconds, fuzz::TEST_SECONDS);
         let Cmd::Run { release, args } = parse(&["run", "--release", "--", "--pid", "1"]) else {
             panic!()
         };
         assert!(release);
         assert_eq!(args, ["--pid", "1"]);
+    }
+
+    #[test]
+    fn fuzz_args() {
+        let Cmd::Fuzz(f) = parse(&["fuzz", "kafka", "http2", "--seconds", "600"]) else {
+            panic!()
+        };
+        assert_eq!(
+            (f.targets, f.seconds),
+            (vec!["kafka".to_string(), "http2".into()], 600)
+        );
+        let Cmd::Fuzz(f) = parse(&["fuzz"]) else {
+            panic!()
+        };
+        assert_eq!((f.targets.len(), f.seconds), (0, fuzz::DEFAULT_SECONDS));
     }
 
     #[test]

@@ -280,6 +280,46 @@ fn link_nightly_libllvm(sysroot: &Path, prefix_lib: &Path) -> Result<()> {
     Ok(())
 }
 
+// ---- cargo-fuzz ----
+
+/// The cargo-fuzz release `cargo xtask fuzz` installs.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Makes sure `cargo +nightly fuzz` runs, installing cargo-fuzz with the nightly when it does not.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    Nightly::detect()?;
+    if cargo_fuzz_runs() {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, with {NIGHTLY}); takes a few minutes");
+    let mut install = Command::new("cargo");
+    install.args([
+        &format!("+{NIGHTLY}"),
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]);
+    run_checked(&mut install).context(
+        "installing cargo-fuzz failed: check network access to crates.io, or install it by hand \
+         (cargo +nightly install cargo-fuzz --locked)",
+    )?;
+    if !cargo_fuzz_runs() {
+        bail!("cargo-fuzz was installed but `cargo +{NIGHTLY} fuzz --version` still fails");
+    }
+    Ok(())
+}
+
+fn cargo_fuzz_runs() -> bool {
+    Command::new("cargo")
+        .args([&format!("+{NIGHTLY}"), "fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 // ---- Debian peers ----
 
 fn ensure_peers() -> Result<()> {
@@ -352,7 +392,9 @@ fn ensure_pip_peers() -> Result<()> {
         eprintln!("setup: missing {cmd}: installing {requirement} with pip");
         pip_install(requirement)?;
         if find_cmd(cmd).is_none() {
-            bail!("{cmd} is still not on PATH after pip install: add pip's script directory to PATH");
+            bail!(
+                "{cmd} is still not on PATH after pip install: add pip's script directory to PATH"
+            );
         }
     }
     for (module, requirement) in PIP_MODULES {

@@ -1,5 +1,6 @@
-//! `cargo xtask test [-- CARGO_TEST_ARGS [-- HARNESS_ARGS]]`: unit tests in parallel, then the
-//! integration tests (`zerotel-tests`) serially against the built agent.
+//! `cargo xtask test [--fuzz-seconds N] [-- CARGO_TEST_ARGS [-- HARNESS_ARGS]]`: unit tests in
+//! parallel, a short run of every fuzz target, then the integration tests (`zerotel-tests`)
+//! serially against the built agent.
 
 use std::{
     io::{Read as _, Write as _},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    cargo_cmd,
+    cargo_cmd, fuzz,
     run::exit_code,
     setup, signals,
     util::{display, is_root},
@@ -19,7 +20,7 @@ use crate::{
 const EBPF_PKG: &str = "zerotel-ebpf";
 const INTEGRATION_PKG: &str = "zerotel-tests";
 
-pub fn run(extra: &[String]) -> Result<i32> {
+pub fn run(fuzz_seconds: u64, extra: &[String]) -> Result<i32> {
     setup::run(setup::Opts { peers: true })?;
     if !is_root() {
         eprintln!("xtask: warning: not root; the integration tests load eBPF programs and will likely fail");
@@ -42,6 +43,8 @@ pub fn run(extra: &[String]) -> Result<i32> {
     }
     let unit = run_streaming(&mut unit)?;
     signals::check()?;
+    let fuzzed = fuzz_briefly(fuzz_seconds)?;
+    signals::check()?;
 
     // Serial: the integration tests share the kernel (loaded programs) and listening ports.
     let mut integ = test_cmd(&agent);
@@ -49,7 +52,38 @@ pub fn run(extra: &[String]) -> Result<i32> {
     integ.args(["--", "--test-threads=1"]).args(harness_extra);
     let integ = run_streaming(&mut integ)?;
 
-    report(&[("unit tests", &unit), ("integration tests", &integ)])
+    report(&[
+        ("unit tests", &unit),
+        ("fuzz targets", &fuzzed),
+        ("integration tests", &integ),
+    ])
+}
+
+/// Every fuzz target for `seconds`: a target that crashes, hangs or runs out of memory fails
+/// the run (its reproducer is named); one that does not passes.
+fn fuzz_briefly(seconds: u64) -> Result<Outcome> {
+    if seconds == 0 {
+        return Ok(Outcome::default());
+    }
+    match fuzz::fuzz(&fuzz::TARGETS, seconds) {
+        Ok(runs) => {
+            let exit = fuzz::report(&runs);
+            let failed = runs.iter().filter(|r| r.failure.is_some()).count() as u64;
+            Ok(Outcome {
+                passed: runs.len() as u64 - failed,
+                failed,
+                exit,
+            })
+        }
+        Err(e) if signals::interrupted() => Err(e),
+        Err(e) => {
+            eprintln!("xtask: fuzzing failed: {e:#}");
+            Ok(Outcome {
+                exit: 1,
+                ..Outcome::default()
+            })
+        }
+    }
 }
 
 /// `a b -- c d` -> (`a b`, `c d`): cargo test args, then libtest harness args.
@@ -133,7 +167,7 @@ fn report(runs: &[(&str, &Outcome)]) -> Result<i32> {
     for (name, o) in runs {
         if o.exit != 0 && o.failed == 0 {
             eprintln!(
-                "xtask: {name}: cargo test exited with {} (build error?)",
+                "xtask: {name}: exited with {} and no failed test (build error?)",
                 o.exit
             );
         }

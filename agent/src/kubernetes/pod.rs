@@ -191,7 +191,7 @@ impl PodStore {
 
     /// Pods remembered, deleted ones included.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pods.len()
     }
 }
