@@ -38,6 +38,9 @@ pub struct FuzzArgs {
     /// How long to run each target.
     #[arg(long, default_value_t = DEFAULT_SECONDS)]
     pub seconds: u64,
+    /// More libFuzzer options, after `--` (`-max_len=65536`, `-dict=FILE`, ...).
+    #[arg(last = true)]
+    pub libfuzzer_args: Vec<String>,
 }
 
 /// How one target's run went.
@@ -72,7 +75,7 @@ pub struct Stats {
 pub fn run(args: &FuzzArgs) -> Result<i32> {
     let targets = select(&args.targets)?;
     signals::install();
-    let runs = fuzz(&targets, args.seconds)?;
+    let runs = fuzz(&targets, args.seconds, &args.libfuzzer_args)?;
     Ok(report(&runs))
 }
 
@@ -95,13 +98,13 @@ fn select(names: &[String]) -> Result<Vec<&'static str>> {
 }
 
 /// Builds, then runs each target for `seconds`, one after the other (each takes a CPU).
-pub fn fuzz(targets: &[&str], seconds: u64) -> Result<Vec<TargetRun>> {
+pub fn fuzz(targets: &[&str], seconds: u64, libfuzzer_args: &[String]) -> Result<Vec<TargetRun>> {
     setup::ensure_cargo_fuzz()?;
     build()?;
     let mut runs = Vec::new();
     for target in targets {
         signals::check()?;
-        runs.push(run_target(target, seconds)?);
+        runs.push(run_target(target, seconds, libfuzzer_args)?);
     }
     Ok(runs)
 }
@@ -154,7 +157,7 @@ fn build() -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &str, seconds: u64) -> Result<TargetRun> {
+fn run_target(target: &str, seconds: u64, libfuzzer_args: &[String]) -> Result<TargetRun> {
     let root = workspace_root();
     let corpus = root.join("fuzz/corpus").join(target);
     let seeds = root.join("fuzz/seeds").join(target);
@@ -170,6 +173,7 @@ fn run_target(target: &str, seconds: u64) -> Result<TargetRun> {
         format!("-timeout={UNIT_TIMEOUT_SECONDS}"),
         "-print_final_stats=1".to_string(),
     ]);
+    cmd.args(libfuzzer_args);
     eprintln!(
         "xtask: fuzz {target} for {seconds} s (log: {})",
         log.display()

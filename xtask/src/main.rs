@@ -56,7 +56,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the cargo-fuzz targets of the parsers (nightly; installs cargo-fuzz on first use):
-    /// `cargo xtask fuzz [TARGET...] [--seconds N]`.
+    /// `cargo xtask fuzz [TARGET...] [--seconds N] [-- LIBFUZZER_ARGS]`.
     Fuzz(fuzz::FuzzArgs),
     /// Traced-vs-untraced benchmarks (root): `cargo xtask bench [NAME...] [--rounds N] ...`.
     Bench(bench::BenchArgs),
@@ -115,13 +115,22 @@ mod tests {
 
     #[test]
     fn fuzz_args() {
-        let Cmd::Fuzz(f) = parse(&["fuzz", "kafka", "http2", "--seconds", "600"]) else {
+        let Cmd::Fuzz(f) = parse(&[
+            "fuzz",
+            "kafka",
+            "http2",
+            "--seconds",
+            "600",
+            "--",
+            "-max_len=9",
+        ]) else {
             panic!()
         };
         assert_eq!(
             (f.targets, f.seconds),
             (vec!["kafka".to_string(), "http2".into()], 600)
         );
+        assert_eq!(f.libfuzzer_args, ["-max_len=9"]);
         let Cmd::Fuzz(f) = parse(&["fuzz"]) else {
             panic!()
         };

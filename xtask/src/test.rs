@@ -65,7 +65,7 @@ fn fuzz_briefly(seconds: u64) -> Result<Outcome> {
     if seconds == 0 {
         return Ok(Outcome::default());
     }
-    match fuzz::fuzz(&fuzz::TARGETS, seconds) {
+    match fuzz::fuzz(&fuzz::TARGETS, seconds, &[]) {
         Ok(runs) => {
             let exit = fuzz::report(&runs);
             let failed = runs.iter().filter(|r| r.failure.is_some()).count() as u64;
